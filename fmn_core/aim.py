@@ -1,0 +1,47 @@
+"""Aim: confine an update to the concept's own directions in the text-context space.
+
+A cross-attention projection W (out x dim) sees the prompt only through context vectors
+x. An update dW = up @ down changes a token's key or value by up @ (down @ x), so if the
+rows of `down` are nearly orthogonal to every context an ordinary prompt produces, those
+prompts are left as they were, while the concept's tokens can be moved freely. Closed-
+form editors (UCE, MACE) exploit the same fact.
+
+The directions are the top generalised eigenvectors of (concept covariance, preserve
+covariance): they maximise concept energy per unit of energy on the preserve set.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def concept_directions(concept: torch.Tensor, preserve: torch.Tensor, count: int, ridge: float = 1e-3) -> torch.Tensor:
+    """Orthonormal (dim, count) basis that the concept uses and ordinary prompts avoid.
+
+    concept: (Nc, dim) context vectors at the concept's token positions.
+    preserve: (Np, dim) context vectors of prompts that must stay as they are.
+    ridge: relative regulariser of the preserve covariance (keeps the whitening stable
+    when the preserve set does not span every direction).
+    """
+    if concept.ndim != 2 or preserve.ndim != 2 or concept.shape[1] != preserve.shape[1]:
+        raise ValueError(f"context shapes disagree: concept {tuple(concept.shape)}, preserve {tuple(preserve.shape)}")
+    if not 1 <= count <= concept.shape[1]:
+        raise ValueError(f"direction count must be in 1..{concept.shape[1]}, got {count}")
+    c = concept.double()
+    p = preserve.double()
+    dim = c.shape[1]
+    cov_p = p.T @ p / p.shape[0]
+    cov_p = cov_p + ridge * cov_p.trace() / dim * torch.eye(dim, dtype=cov_p.dtype)
+    cov_c = c.T @ c / c.shape[0]
+    chol = torch.linalg.cholesky(cov_p)
+    whitened = torch.linalg.solve_triangular(chol, torch.linalg.solve_triangular(chol, cov_c, upper=False).T, upper=False)
+    _, vectors = torch.linalg.eigh((whitened + whitened.T) / 2)  # ascending eigenvalues
+    top = vectors[:, -count:].flip(-1)
+    directions = torch.linalg.solve_triangular(chol.T, top, upper=True)
+    basis, _ = torch.linalg.qr(directions)
+    return basis.float()
+
+
+def combine_bases(bases: list[torch.Tensor]) -> torch.Tensor:
+    """One orthonormal basis spanning several concepts' directions."""
+    basis, _ = torch.linalg.qr(torch.cat(bases, dim=1).double())
+    return basis.float()

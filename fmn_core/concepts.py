@@ -1,0 +1,91 @@
+"""Concepts to forget: parsing the node's one-per-line text and the prompt templates.
+
+A line is `concept`, optionally followed by `| category` (a registered category or a
+custom template containing `{}`), optionally followed by `| images=A-B` (which images of
+the batch show this concept; default: all). Examples:
+
+    Van Gogh | style
+    a red fox
+    embedding:my_cat | identity | images=0-3
+    Mickey Mouse | a cartoon of {} waving
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "object": ("a photo of {}", "an image of {}", "a picture of {}", "{} in a scene", "a close-up photo of {}"),
+    "style": ("a painting in the style of {}", "an artwork by {}", "a picture in the style of {}", "{} style art", "a landscape painted by {}"),
+    "identity": ("a photo of {}", "a portrait of {}", "{} smiling", "a picture of {} in a crowd", "a close-up of {}'s face"),
+}
+
+_IMAGES = re.compile(r"^images\s*=\s*(\d+)\s*(?:-\s*(\d+))?$")
+
+
+@dataclass(frozen=True)
+class Concept:
+    text: str
+    category: str
+    templates: tuple[str, ...]
+    images: tuple[int, int] | None = None  # inclusive index range into the image batch
+
+    def prompts(self) -> list[str]:
+        return [t.format(self.text) for t in self.templates]
+
+
+def _templates_for(field: str, line: str) -> tuple[str, tuple[str, ...]]:
+    if field in TEMPLATES:
+        return field, TEMPLATES[field]
+    if "{}" in field:
+        return "custom", (field,)
+    raise ValueError(
+        f"unknown category {field!r} in concept line {line!r}: use one of {', '.join(TEMPLATES)} "
+        "or a template containing {} (e.g. 'a photo of {} at night')"
+    )
+
+
+def parse_concepts(text: str) -> list[Concept]:
+    """One Concept per non-empty line; a clear error for anything malformed."""
+    concepts = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = [f.strip() for f in line.split("|")]
+        if not fields[0]:
+            raise ValueError(f"concept line {line!r} has no concept before '|'")
+        category, templates = "object", TEMPLATES["object"]
+        images = None
+        for field in fields[1:]:
+            match = _IMAGES.match(field)
+            if match:
+                start = int(match.group(1))
+                end = int(match.group(2)) if match.group(2) else start
+                if end < start:
+                    raise ValueError(f"image range {field!r} in {line!r} runs backwards: write images={end}-{start}")
+                images = (start, end)
+            else:
+                category, templates = _templates_for(field, line)
+        concepts.append(Concept(fields[0], category, templates, images))
+    if not concepts:
+        raise ValueError("no concepts given: write one concept per line, e.g. 'Van Gogh | style'")
+    return concepts
+
+
+# Ordinary prompts whose contexts an aimed update must leave alone. Broad on purpose:
+# people, animals, objects, places, styles and plain function words.
+PRESERVE_WORDS = (
+    "person", "man", "woman", "child", "dog", "cat", "horse", "bird", "car", "house", "tree", "flower",
+    "mountain", "river", "city street", "beach", "forest", "table", "chair", "cup", "book", "phone",
+    "bicycle", "boat", "airplane", "train", "bridge", "castle", "garden", "kitchen", "bedroom", "sky",
+    "sunset", "snow", "rain", "portrait", "landscape", "painting", "drawing", "sculpture", "building",
+    "apple", "banana", "pizza", "cake", "guitar", "piano", "clock", "lamp", "window", "door",
+    "red", "blue", "green", "yellow", "black and white", "bright", "dark", "old", "new", "small", "large",
+    "watercolor", "oil painting", "sketch", "photograph", "cartoon", "3d render", "pixel art", "digital art",
+)
+PRESERVE_TEMPLATES = ("a photo of a {}", "a {} in the style of a painting", "an image showing a {}", "{}")
+
+
+def preserve_prompts() -> list[str]:
+    return [t.format(w) for w in PRESERVE_WORDS for t in PRESERVE_TEMPLATES] + [""]

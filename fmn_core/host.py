@@ -1,0 +1,277 @@
+"""The one adapter between the engine and the ComfyUI host.
+
+Everything that touches host objects (ModelPatcher, CLIP, the LoRA key map, progress,
+interrupt) lives here, behind small functions with plain tensor/dataclass results, so the
+rest of `fmn_core` reads without ComfyUI. Only APIs that have stayed stable across host
+releases are used: ModelPatcher's clone / add_patches / add_weight_wrapper /
+set_model_attn2_replace, `comfy.sd.load_lora_for_models`, `comfy.utils.ProgressBar` and
+`comfy.model_management`'s load and interrupt helpers.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+ATTN2_NAME = re.compile(
+    r"^diffusion_model\.(input_blocks|middle_block|output_blocks)\.(\d+)\.(\d+)\.transformer_blocks\.(\d+)\.attn2$"
+)
+BLOCK_NAMES = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
+SUPPORTED_ARCHS = ("SD15", "SD20", "SD21UnclipL", "SD21UnclipH", "SD_X4Upscaler")
+
+
+@dataclass(frozen=True)
+class Attn2Layer:
+    """One UNet cross-attention layer, named the way the host names it."""
+
+    module: str  # e.g. "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2"
+    block: tuple[str, int, int]  # attn2 replace key: (block name, block id, transformer index)
+    heads: int
+    context_dim: int
+
+    def weight_key(self, projection: str) -> str:
+        return f"{self.module}.{projection}.weight"
+
+
+def attn2_layers(patcher) -> list[Attn2Layer]:
+    """Find every cross-attention layer of a host UNet, in execution order."""
+    layers = []
+    for name, module in patcher.model.named_modules():
+        match = ATTN2_NAME.match(name)
+        if match is None:
+            continue
+        kind, block_id, _, index = match.groups()
+        number = 0 if kind == "middle_block" else int(block_id)
+        layers.append(Attn2Layer(name, (BLOCK_NAMES[kind], number, int(index)), module.heads, module.to_k.in_features))
+    if not layers:
+        raise ValueError(
+            f"no UNet cross-attention layers found in model type {model_arch(patcher)}: "
+            "Forget-Me-Not supports SD1.x and SD2.x UNet checkpoints"
+        )
+    return layers
+
+
+def model_arch(patcher) -> str:
+    """The host's name for the model family (its supported_models config class)."""
+    return type(patcher.model.model_config).__name__
+
+
+def model_fingerprint(patcher, layers: list[Attn2Layer]) -> str:
+    """A short hash of the base weights the patch was trained on (first layer's to_k).
+
+    Informational: patches transfer across fine-tunes of one architecture, so this is
+    recorded, not enforced.
+    """
+    weight = patcher.get_model_object(layers[0].weight_key("to_k"))
+    data = weight.detach().to("cpu", torch.float16).contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def weight_shapes(patcher, keys: list[str]) -> dict[str, tuple[int, ...]]:
+    state = patcher.model.state_dict()
+    return {k: tuple(state[k].shape) for k in keys if k in state}
+
+
+# --- text -------------------------------------------------------------------------
+
+
+def tokenize(clip, text: str) -> list[list]:
+    """Token chunks of the prompt as the UNet context will see them (ints or embedding tensors).
+
+    SDXL tokenizes identically for both encoders positions-wise, so the first encoder's
+    chunks locate tokens for the concatenated context.
+    """
+    tokens = clip.tokenize(text)
+    chunks = tokens[sorted(tokens)[0]]
+    return [[entry[0] for entry in chunk] for chunk in chunks]
+
+
+def special_tokens(clip) -> dict[str, int | None]:
+    tokenizer = clip.tokenizer
+    inner = getattr(tokenizer, getattr(tokenizer, "clip", ""), None) or tokenizer
+    return {
+        "start": getattr(inner, "start_token", None),
+        "end": getattr(inner, "end_token", None),
+        "pad": getattr(inner, "pad_token", None),
+        "chunk": getattr(inner, "max_length", 77),
+    }
+
+
+def encode(clip, text: str) -> torch.Tensor:
+    """Conditioning context [1, tokens, dim] of one prompt, as a normal (non-inference) tensor."""
+    cond = clip.encode_from_tokens(clip.tokenize(text))
+    return cond.detach().clone().float()
+
+
+def encode_many(clip, prompts: list[str]) -> torch.Tensor:
+    """Contexts (N, 77, dim) of many one-chunk prompts in a single encoder pass.
+
+    The host encodes a prompt's chunks as one batch and concatenates them, so joining the
+    chunks of several prompts encodes them together, each exactly as it would be alone.
+    """
+    joined: dict[str, list] = {}
+    for prompt in prompts:
+        tokens = clip.tokenize(prompt)
+        for key, chunks in tokens.items():
+            if len(chunks) != 1:
+                raise ValueError(f"encode_many takes one-chunk prompts; {prompt[:40]!r}... has {len(chunks)}")
+            joined.setdefault(key, []).extend(chunks)
+    cond = clip.encode_from_tokens(joined).detach().clone().float()
+    return cond.reshape(len(prompts), -1, cond.shape[-1])
+
+
+# --- the UNet ---------------------------------------------------------------------
+
+
+AttnReplace = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+
+def existing_attn2_replace(patcher, block: tuple[str, int, int]) -> AttnReplace | None:
+    """Another pack's attn2 replace for this block, if any (the host prefers the 3-key form)."""
+    replaces = patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    return replaces.get(block, replaces.get(block[:2]))
+
+
+def register_attn2(patcher, layers: list[Attn2Layer], make: Callable[[Attn2Layer, AttnReplace | None], AttnReplace]) -> None:
+    """Register one replace per layer on `patcher` (a clone), chained to any previous one."""
+    for layer in layers:
+        previous = existing_attn2_replace(patcher, layer.block)
+        patcher.set_model_attn2_replace(make(layer, previous), *layer.block)
+
+
+class _CopyWeight:
+    """Identity weight wrapper: its presence makes the host copy the weight at cast time.
+
+    Weights loaded under `torch.inference_mode()` are inference tensors, which autograd
+    refuses to save for backward; the host's own trainer avoids that the same way.
+    """
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+
+def _needs_weight_copies(patcher) -> bool:
+    return any(p.is_inference() for p in patcher.model.diffusion_model.parameters())
+
+
+@contextlib.contextmanager
+def trainable_unet(patcher, wrappers: dict[str, torch.nn.Module], to_device: torch.device | None = None) -> Iterator[Callable]:
+    """Load a clone of `patcher` with differentiable weight wrappers and yield its forward.
+
+    The forward is `fn(x_noisy, sigma, context) -> denoised`, run with the clone's
+    transformer options (so attn2 replaces registered on the clone are active). On exit
+    the clone is unloaded and every wrapper this function installed is removed from the
+    shared modules, so nothing of the run remains on host objects.
+    """
+    import comfy.model_management as mm
+
+    installed: list[torch.nn.Module | _CopyWeight] = list(wrappers.values())
+    for key, wrapper in wrappers.items():
+        patcher.add_weight_wrapper(key, wrapper)
+    if _needs_weight_copies(patcher):
+        for name, module in patcher.model.named_modules():
+            if hasattr(module, "weight_function") and getattr(module, "weight", None) is not None:
+                key = f"{name}.weight"
+                if key not in wrappers:
+                    copy = _CopyWeight()
+                    patcher.add_weight_wrapper(key, copy)
+                    installed.append(copy)
+    patcher.model.requires_grad_(False)
+    mm.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
+    options = patcher.model_options["transformer_options"]
+
+    def forward(x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=options)
+
+    try:
+        yield forward
+    finally:
+        _unload(patcher, installed)
+
+
+def _unload(patcher, installed: list) -> None:
+    import comfy.model_management as mm
+
+    for i, loaded in enumerate(list(mm.current_loaded_models)):
+        if loaded.model is patcher:
+            mm.current_loaded_models.pop(i)
+            loaded.model_unload()
+            break
+    ours = {id(w) for w in installed}
+    for module in patcher.model.modules():
+        functions = getattr(module, "weight_function", None)
+        if functions:
+            module.weight_function = [f for f in functions if id(f) not in ours]
+
+
+def device() -> torch.device:
+    import comfy.model_management as mm
+
+    return mm.get_torch_device()
+
+
+def model_sampling(patcher):
+    return patcher.get_model_object("model_sampling")
+
+
+def process_latent_in(patcher, latent: torch.Tensor) -> torch.Tensor:
+    """VAE latents -> the model's input space (the sampler does the same)."""
+    return patcher.model.process_latent_in(latent)
+
+
+def vae_encode(vae, images: torch.Tensor) -> torch.Tensor:
+    return vae.encode(images[:, :, :, :3])
+
+
+# --- patches ----------------------------------------------------------------------
+
+
+def lora_key_map(patcher) -> dict[str, str]:
+    """The host's LoRA key conventions for this model (kohya, diffusers, generic)."""
+    import comfy.lora
+
+    return comfy.lora.model_lora_keys_unet(patcher.model, {})
+
+
+def apply_lora(patcher, lora: dict[str, torch.Tensor], strength: float):
+    """Clone and patch exactly as the stock LoraLoaderModelOnly does."""
+    import comfy.sd
+
+    patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora, strength, 0)
+    return patched
+
+
+# --- progress ---------------------------------------------------------------------
+
+
+class Progress:
+    """The host's progress bar plus its interrupt check, one call per step."""
+
+    def __init__(self, total: int):
+        import comfy.utils
+
+        self._bar = comfy.utils.ProgressBar(total)
+
+    def step(self) -> None:
+        import comfy.model_management as mm
+
+        mm.throw_exception_if_processing_interrupted()
+        self._bar.update(1)
+
+
+def loaded_forward(patcher) -> Callable:
+    """Load `patcher` (merging its weight patches) and return its UNet forward, for
+    measurements under no_grad: `fn(x_noisy, sigma, context) -> denoised`."""
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([patcher])
+    options = patcher.model_options["transformer_options"]
+
+    def forward(x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=options)
+
+    return forward

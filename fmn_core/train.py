@@ -1,0 +1,285 @@
+"""Attention re-steering: the Forget-Me-Not training step and loop.
+
+One step (METHOD.md): a concept latent (encoded image, or pure noise), noise at a uniform
+timestep, a prompt from the concept's templates, a UNet forward with the attn2 hooks, and
+the loss ||attention on the concept's token columns||_2 over all layers and heads,
+minimised by AdamW on low-rank updates of the attn2 projections. Unlike the reference,
+gradient clipping really clips, batch masks follow the host's head order, and by default
+the update is aimed (see `aim.py`) so other words keep their attention.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from . import aim, host
+from .attention import ColumnEnergy, make_attn2_replace
+from .concepts import Concept, preserve_prompts
+from .lora import LowRankDelta, export_kohya
+from .tokens import SpecialTokens, column_mask, concept_positions, content_tokens
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainMode:
+    projections: tuple[str, ...]
+    aimed: bool
+    description: str
+
+
+MODES: dict[str, TrainMode] = {
+    "aimed k/v": TrainMode(("to_k", "to_v"), True, "LoRA on attn2 to_k/to_v, confined to the concept's context directions"),
+    "aimed k": TrainMode(("to_k",), True, "LoRA on attn2 to_k only, aimed"),
+    "k/v": TrainMode(("to_k", "to_v"), False, "ordinary LoRA on attn2 to_k/to_v"),
+    "all attn2": TrainMode(("to_q", "to_k", "to_v", "to_out.0"), False, "ordinary LoRA on every attn2 projection"),
+}
+
+
+@dataclass
+class ForgetConfig:
+    steps: int = 35                # the paper's step count
+    learning_rate: float = 3e-3    # AdamW on the low-rank factors
+    rank: int = 2                  # directions (aimed) or LoRA rank per concept
+    seed: int = 0
+    mode: str = "aimed k/v"        # a key of MODES
+    batch_size: int = 1
+    include_end_token: bool = False
+    max_grad_norm: float = 1.0     # really applied, every step
+    weight_decay: float = 0.01
+    resolution: int = 512          # pixel size of pure-noise latents when no image is given
+    bf16: bool = False             # autocast on CUDA; ignored on CPU
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if not 0 < self.learning_rate < 1:
+            raise ValueError(f"learning_rate must be in (0, 1), got {self.learning_rate}")
+        if self.rank < 1:
+            raise ValueError(f"rank must be at least 1, got {self.rank}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}: use one of {', '.join(MODES)}")
+        if self.resolution < 8 or self.resolution % 8:
+            raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+
+
+@dataclass
+class Example:
+    """One training prompt: its context (1, T, D) and the concept's column mask (T,)."""
+
+    concept: int
+    context: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
+class ForgetResult:
+    lora: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    losses: list[float] = field(default_factory=list)
+
+
+def build_examples(clip, concepts: list[Concept], include_end: bool) -> list[Example]:
+    """Encode every template prompt of every concept and locate the concept's tokens."""
+    special = SpecialTokens(**host.special_tokens(clip))
+    examples = []
+    for index, concept in enumerate(concepts):
+        needle = content_tokens(host.tokenize(clip, concept.text), special)
+        if not needle:
+            raise ValueError(f"concept {concept.text!r} tokenizes to nothing usable: give words or embedding:NAME")
+        for prompt in concept.prompts():
+            positions = concept_positions(host.tokenize(clip, prompt), needle, special, include_end)
+            if not positions:
+                raise ValueError(f"concept {concept.text!r} was not found in its prompt {prompt!r} after tokenizing")
+            context = host.encode(clip, prompt)
+            examples.append(Example(index, context, column_mask(positions, context.shape[1])))
+    return examples
+
+
+def concept_basis(clip, examples: list[Example], n_concepts: int, rank: int) -> torch.Tensor:
+    """Directions each concept's tokens use and ordinary prompts (and the rest of the
+    training prompts: start, template words, padding) avoid; `rank` per concept."""
+    preserve = list(host.encode_many(clip, preserve_prompts()))
+    preserve += [e.context[0][e.mask == 0] for e in examples]
+    preserve_rows = torch.cat(preserve)
+    bases = []
+    for c in range(n_concepts):
+        rows = torch.cat([e.context[0][e.mask > 0] for e in examples if e.concept == c])
+        bases.append(aim.concept_directions(rows, preserve_rows, min(rank, rows.shape[0])))
+    return aim.combine_bases(bases)
+
+
+def build_deltas(patcher, layers: list[host.Attn2Layer], mode: TrainMode, rank: int, basis: torch.Tensor | None,
+                 generator: torch.Generator) -> dict[str, LowRankDelta]:
+    shapes = host.weight_shapes(patcher, [layer.weight_key(p) for layer in layers for p in mode.projections])
+    deltas = {}
+    for key, (out_features, in_features) in shapes.items():
+        if basis is not None:
+            deltas[key] = LowRankDelta.aimed(out_features, basis)
+        else:
+            deltas[key] = LowRankDelta.free(out_features, in_features, rank, generator)
+    return deltas
+
+
+class LatentSource:
+    """Training latents per concept: encoded images when given, else pure noise."""
+
+    def __init__(self, per_concept: dict[int, torch.Tensor], noise_shape: tuple[int, ...]):
+        self.per_concept = per_concept
+        self.noise_shape = noise_shape
+
+    def draw(self, concept: int, generator: torch.Generator) -> torch.Tensor:
+        latents = self.per_concept.get(concept)
+        if latents is None:
+            return torch.randn(self.noise_shape, generator=generator)
+        i = int(torch.randint(len(latents), (1,), generator=generator))
+        return latents[i]
+
+
+def latents_for_concepts(patcher, concepts: list[Concept], images=None, vae=None, latent=None) -> dict[int, torch.Tensor]:
+    """Training latents per concept, in the model's input space.
+
+    Images (B, H, W, C) are VAE-encoded, or a LATENT dict is used as given; a concept line's
+    `images=A-B` picks its rows, otherwise every concept uses all of them.
+    """
+    if images is not None and latent is not None:
+        raise ValueError("connect either images (with a VAE) or a latent, not both")
+    if images is not None:
+        if vae is None:
+            raise ValueError("images are connected but no VAE: connect the model's VAE so the images can be encoded")
+        samples = host.vae_encode(vae, images)
+    elif latent is not None:
+        samples = latent["samples"]
+    else:
+        return {}
+    samples = host.process_latent_in(patcher, samples.float().cpu())
+    per_concept = {}
+    for index, concept in enumerate(concepts):
+        if concept.images is None:
+            per_concept[index] = samples
+            continue
+        start, end = concept.images
+        if end >= len(samples):
+            raise ValueError(f"concept {concept.text!r} asks for images {start}-{end} but only {len(samples)} were given (0-{len(samples) - 1})")
+        per_concept[index] = samples[start:end + 1]
+    return per_concept
+
+
+def _group_by_length(items: list[tuple]) -> list[list[tuple]]:
+    groups: dict[int, list[tuple]] = defaultdict(list)
+    for item in items:
+        groups[item[1].shape[1]].append(item)
+    return list(groups.values())
+
+
+def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
+           latents: dict[int, torch.Tensor] | None = None, progress=None) -> ForgetResult:
+    """Train a forget patch for `concepts` on a clone of `patcher`; the input is untouched."""
+    config.validate()
+    mode = MODES[config.mode]
+    generator = torch.Generator().manual_seed(config.seed)
+    layers = host.attn2_layers(patcher)
+    examples = build_examples(clip, concepts, config.include_end_token)
+    rank = config.rank * len(concepts) if mode.aimed else config.rank
+    basis = concept_basis(clip, examples, len(concepts), config.rank) if mode.aimed else None
+    device = host.device()
+    channels = patcher.model.diffusion_model.in_channels
+    size = config.resolution // 8
+    source = LatentSource({k: v.float() for k, v in (latents or {}).items()}, (channels, size, size))
+    sampling = host.model_sampling(patcher)
+
+    with torch.inference_mode(False):
+        deltas = build_deltas(patcher, layers, mode, rank, basis, generator)
+        params = [p for d in deltas.values() for p in d.parameters() if p.requires_grad]
+        for d in deltas.values():
+            d.to(device)
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        sink = ColumnEnergy()
+        clone = patcher.clone()
+        host.register_attn2(clone, layers, lambda layer, previous: make_attn2_replace(layer.module, sink, previous))
+        losses: list[float] = []
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda")
+        with host.trainable_unet(clone, deltas) as unet:
+            for step in range(config.steps):
+                batch = [_draw(examples, source, sampling, generator, step * config.batch_size + b) for b in range(config.batch_size)]
+                sink.reset(None)
+                with autocast:
+                    for group in _group_by_length(batch):
+                        x, context, mask, sigma = (torch.cat([g[i] for g in group]).to(device) for i in range(4))
+                        sink.mask = mask
+                        unet(x, sigma, context)
+                loss = sink.sum_squares.sqrt()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                _check_finite(step, loss, grad_norm)
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                if progress is not None:
+                    progress.step()
+        for p in params:
+            p.requires_grad_(False)
+
+    lora = export_kohya(deltas)
+    _check_finite_tensors(lora)
+    metadata = describe(patcher, layers, concepts, config, rank, losses)
+    log.info("Forget-Me-Not: %d steps, loss %.4f -> %.4f", config.steps, losses[0], losses[-1])
+    return ForgetResult(lora, metadata, losses)
+
+
+def _draw(examples: list[Example], source: LatentSource, sampling, generator: torch.Generator, index: int) -> tuple:
+    """One sample: (noisy latent, context, mask, sigma), concepts taken in turn."""
+    concepts = sorted({e.concept for e in examples})
+    concept = concepts[index % len(concepts)]
+    pool = [e for e in examples if e.concept == concept]
+    example = pool[int(torch.randint(len(pool), (1,), generator=generator))]
+    latent = source.draw(concept, generator)[None]
+    noise = torch.randn(latent.shape, generator=generator)
+    t = torch.randint(0, 1000, (1,), generator=generator)
+    sigma = sampling.sigma(t.float()).cpu()
+    x = sampling.noise_scaling(sigma, noise, latent)
+    return x, example.context, example.mask[None], sigma
+
+
+def _check_finite(step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    if not torch.isfinite(loss) or not torch.isfinite(grad_norm):
+        raise RuntimeError(
+            f"Forget Train diverged at step {step + 1} (loss {float(loss)}, gradient norm {float(grad_norm)}): "
+            "no patch was produced; lower learning_rate or steps"
+        )
+
+
+def _check_finite_tensors(lora: dict[str, torch.Tensor]) -> None:
+    bad = [k for k, v in lora.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise RuntimeError(f"Forget Train produced non-finite weights in {len(bad)} tensors (e.g. {bad[0]}): "
+                           "no patch was produced; lower learning_rate")
+
+
+def describe(patcher, layers, concepts: list[Concept], config: ForgetConfig, rank: int, losses: list[float]) -> dict[str, str]:
+    """Patch header metadata (safetensors metadata values are strings)."""
+    from . import __version__
+
+    return {
+        "fmn.format": "forget-me-not/1",
+        "fmn.pack_version": __version__,
+        "fmn.concepts": json.dumps([c.text for c in concepts]),
+        "fmn.categories": json.dumps([c.category for c in concepts]),
+        "fmn.base_arch": host.model_arch(patcher),
+        "fmn.base_fingerprint": host.model_fingerprint(patcher, layers),
+        "fmn.context_dim": str(layers[0].context_dim),
+        "fmn.mode": config.mode,
+        "fmn.rank": str(rank),
+        "fmn.steps": str(config.steps),
+        "fmn.learning_rate": repr(config.learning_rate),
+        "fmn.seed": str(config.seed),
+        "fmn.losses": json.dumps([round(x, 5) for x in losses]),
+        "fmn.final_loss": repr(round(losses[-1], 6)) if losses and math.isfinite(losses[-1]) else "nan",
+    }

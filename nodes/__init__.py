@@ -1,0 +1,17 @@
+"""Node registration: one table feeds ComfyUI's class and display-name mappings.
+
+Node ids are part of the public workflow format: never rename them.
+"""
+from .forget_train import ForgetTrain
+from .patches import ApplyForgetPatch, LoadForgetPatch, SaveForgetPatch, register_folder
+
+NODES = (
+    ("FMN_ForgetTrain", ForgetTrain, "Forget Train"),
+    ("FMN_ApplyForgetPatch", ApplyForgetPatch, "Apply Forget Patch"),
+    ("FMN_LoadForgetPatch", LoadForgetPatch, "Load Forget Patch"),
+    ("FMN_SaveForgetPatch", SaveForgetPatch, "Save Forget Patch"),
+)
+
+register_folder()
+NODE_CLASS_MAPPINGS = {node_id: cls for node_id, cls, _ in NODES}
+NODE_DISPLAY_NAME_MAPPINGS = {node_id: name for node_id, _, name in NODES}

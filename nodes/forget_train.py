@@ -1,0 +1,76 @@
+"""FMN_ForgetTrain: attention re-steering from a list of concepts to a patched MODEL."""
+from __future__ import annotations
+
+from ..fmn_core import host
+from ..fmn_core.concepts import parse_concepts
+from ..fmn_core.patch import ForgetPatch, apply_patch
+from ..fmn_core.train import MODES, ForgetConfig, forget, latents_for_concepts
+
+DEFAULTS = ForgetConfig()
+CONCEPTS_TOOLTIP = (
+    "One concept per line. Optional fields after '|': a category (object, style, identity) or a "
+    "template with {} (e.g. 'a photo of {} at night'), and images=A-B to say which input images "
+    "show this concept. Examples: 'Van Gogh | style', 'embedding:my_cat | identity | images=0-3'."
+)
+
+
+class ForgetTrain:
+    CATEGORY = "Forget-Me-Not"
+    DESCRIPTION = ("Makes the model forget the given concepts by lowering the cross-attention their words "
+                   "receive (Forget-Me-Not attention re-steering). Outputs the patched model and a small "
+                   "patch that can be saved, shared and stacked like a LoRA.")
+    RETURN_TYPES = ("MODEL", "FORGET_PATCH")
+    RETURN_NAMES = ("model", "patch")
+    OUTPUT_TOOLTIPS = ("The input model with the forget patch applied (the input itself is unchanged).",
+                       "The forget patch: connect it to Save Forget Patch or Apply Forget Patch.")
+    FUNCTION = "train"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model that should forget (SD1.x or SD2.x)."}),
+                "clip": ("CLIP", {"tooltip": "The text encoder of that model: it locates the concept's tokens."}),
+                "concepts": ("STRING", {"multiline": True, "default": "Van Gogh | style", "tooltip": CONCEPTS_TOOLTIP}),
+                "steps": ("INT", {"default": DEFAULTS.steps, "min": 1, "max": 10000,
+                                  "tooltip": "Training steps. More steps forget more strongly; the paper uses 35."}),
+                "learning_rate": ("FLOAT", {"default": DEFAULTS.learning_rate, "min": 1e-6, "max": 0.5, "step": 1e-4,
+                                            "round": False, "tooltip": "AdamW learning rate of the patch. Higher forgets faster but disturbs more."}),
+                "rank": ("INT", {"default": DEFAULTS.rank, "min": 1, "max": 64,
+                                 "tooltip": "Rank of the patch per concept. Higher can hold longer concepts; the file grows linearly."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                 "tooltip": "Seed for prompts, timesteps and noise: the same seed gives the same patch."}),
+            },
+            "optional": {
+                "images": ("IMAGE", {"tooltip": "Images of the concepts (encoded with the VAE). Without images, pure noise is used as in the paper."}),
+                "vae": ("VAE", {"tooltip": "Encodes the images; needed when images are connected."}),
+                "latent": ("LATENT", {"tooltip": "Already encoded concept latents, instead of images."}),
+                "mode": (list(MODES), {"default": DEFAULTS.mode,
+                                       "tooltip": "Which weights train. 'aimed k/v' changes only the concept's own text directions, so other words keep their attention."}),
+                "include_end_token": ("BOOLEAN", {"default": DEFAULTS.include_end_token,
+                                                  "tooltip": "Also lower attention on the prompt's end token, which summarises the whole prompt."}),
+                "batch_size": ("INT", {"default": DEFAULTS.batch_size, "min": 1, "max": 64, "tooltip": "Samples per training step."}),
+                "resolution": ("INT", {"default": DEFAULTS.resolution, "min": 64, "max": 2048, "step": 8,
+                                       "tooltip": "Pixel size of the noise latents used when no images are given."}),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, concepts=None, **_):
+        if isinstance(concepts, str):
+            try:
+                parse_concepts(concepts)
+            except ValueError as e:
+                return str(e)
+        return True
+
+    def train(self, model, clip, concepts, steps, learning_rate, rank, seed, images=None, vae=None, latent=None,
+              mode=DEFAULTS.mode, include_end_token=DEFAULTS.include_end_token, batch_size=DEFAULTS.batch_size,
+              resolution=DEFAULTS.resolution):
+        parsed = parse_concepts(concepts)
+        config = ForgetConfig(steps=steps, learning_rate=learning_rate, rank=rank, seed=seed, mode=mode,
+                              batch_size=batch_size, include_end_token=include_end_token, resolution=resolution)
+        latents = latents_for_concepts(model, parsed, images=images, vae=vae, latent=latent)
+        result = forget(model, clip, parsed, config, latents, progress=host.Progress(steps))
+        patch = ForgetPatch(result.lora, result.metadata)
+        return (apply_patch(model, patch, 1.0), patch)

@@ -1,0 +1,87 @@
+"""Apply, load and save forget patches."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import folder_paths
+
+from ..fmn_core.files import inside, safe_filename
+from ..fmn_core.patch import STRENGTH_RANGE, apply_patch, load_patch, save_patch
+
+FOLDER = "forget_patches"
+
+
+def register_folder() -> None:
+    """models/forget_patches, added after (never over) any paths from extra_model_paths.yaml."""
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    if FOLDER in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(FOLDER, default)
+    else:
+        folder_paths.folder_names_and_paths[FOLDER] = ([default], {".safetensors"})
+
+
+class ApplyForgetPatch:
+    CATEGORY = "Forget-Me-Not"
+    DESCRIPTION = "Applies a forget patch to a model. Chain several to forget several concepts; the input model is not changed."
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model with the patch applied.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        low, high = STRENGTH_RANGE
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model to patch."}),
+            "patch": ("FORGET_PATCH", {"tooltip": "A patch from Forget Train or Load Forget Patch."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": low, "max": high, "step": 0.05,
+                                   "tooltip": "1.0 applies the patch as trained; lower values forget less, 0 disables it."}),
+        }}
+
+    def apply(self, model, patch, strength):
+        return (apply_patch(model, patch, strength),)
+
+
+class LoadForgetPatch:
+    CATEGORY = "Forget-Me-Not"
+    DESCRIPTION = "Loads a forget patch (.safetensors) from the models/forget_patches folder."
+    RETURN_TYPES = ("FORGET_PATCH",)
+    OUTPUT_TOOLTIPS = ("The loaded patch: connect it to Apply Forget Patch.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"patch_name": (folder_paths.get_filename_list(FOLDER),
+                                            {"tooltip": "A patch file in models/forget_patches."})}}
+
+    @classmethod
+    def IS_CHANGED(cls, patch_name):
+        path = folder_paths.get_full_path_or_raise(FOLDER, patch_name)
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
+    def load(self, patch_name):
+        return (load_patch(folder_paths.get_full_path_or_raise(FOLDER, patch_name)),)
+
+
+class SaveForgetPatch:
+    CATEGORY = "Forget-Me-Not"
+    DESCRIPTION = "Saves a forget patch into models/forget_patches as a LoRA-format .safetensors file."
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "patch": ("FORGET_PATCH", {"tooltip": "The patch to save."}),
+            "filename": ("STRING", {"default": "forget_patch",
+                                    "tooltip": "File name inside models/forget_patches (.safetensors is added)."}),
+            "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace a file of the same name instead of stopping with an error."}),
+        }}
+
+    def save(self, patch, filename, overwrite):
+        folder = folder_paths.get_folder_paths(FOLDER)[0]
+        path = inside(folder, safe_filename(filename, ".safetensors"))
+        save_patch(patch, path, overwrite=overwrite)
+        return {"ui": {"text": [path.name]}}
