@@ -1,0 +1,204 @@
+"""End to end through the real ComfyUI server: the pack loads, and the shipped UI workflows,
+converted with the server's own node definitions, run on a full-size (random) SD1.5
+checkpoint loaded by the stock CheckpointLoaderSimple.
+
+Sizes and step counts are overridden to the minimum (64 px, 1 sampling step, 2 training
+steps) so the module fits CI on 2 CPU cores; the workflow structure is exactly as shipped.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from safetensors import safe_open
+
+from checkpoints import CHECKPOINT_NAME, random_sd15_checkpoint
+from comfy_server import PACK_DIR_NAME, ComfyServer, running_server
+from workflow_api import WorkflowError, node_ids, nodes_of, set_inputs, ui_to_api
+
+pytestmark = pytest.mark.server
+
+WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+PROMPT_TIMEOUT_S = 300.0
+SIZE = 64
+SD15_ATTN2_LAYERS = 16
+# File-list combos: their shipped values name the user's files, not this test's.
+FILE_COMBOS = {"ckpt_name", "patch_name"}
+
+NODE_CONTRACT = {
+    "FMN_ForgetTrain": (
+        {"model": "MODEL", "clip": "CLIP", "concepts": "STRING", "steps": "INT", "learning_rate": "FLOAT",
+         "rank": "INT", "seed": "INT"},
+        {"images": "IMAGE", "vae": "VAE", "latent": "LATENT", "mode": "COMBO", "include_end_token": "BOOLEAN",
+         "batch_size": "INT", "resolution": "INT"},
+        ["MODEL", "FORGET_PATCH"], False),
+    "FMN_ApplyForgetPatch": ({"model": "MODEL", "patch": "FORGET_PATCH", "strength": "FLOAT"}, {}, ["MODEL"], False),
+    "FMN_LoadForgetPatch": ({"patch_name": "COMBO"}, {}, ["FORGET_PATCH"], False),
+    "FMN_SaveForgetPatch": ({"patch": "FORGET_PATCH", "filename": "STRING", "overwrite": "BOOLEAN"}, {}, [], True),
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> ComfyServer:
+    checkpoint = random_sd15_checkpoint()
+    with running_server(tmp_path_factory.mktemp("comfyui"), checkpoint) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def object_info(server: ComfyServer) -> dict:
+    return server.get("/object_info")
+
+
+def load_workflow(name: str) -> dict:
+    return json.loads((WORKFLOWS / f"{name}.json").read_text())
+
+
+def input_types(node_def: dict, section: str) -> dict[str, str]:
+    return {name: "COMBO" if isinstance(spec[0], list) else spec[0]
+            for name, spec in node_def["input"].get(section, {}).items()}
+
+
+def shipped_prompt(name: str, object_info: dict) -> dict:
+    """A shipped workflow as an API prompt, shrunk to test size on the test checkpoint."""
+    prompt = ui_to_api(load_workflow(name), object_info)
+    set_inputs(prompt, "CheckpointLoaderSimple", ckpt_name=CHECKPOINT_NAME)
+    set_inputs(prompt, "EmptyLatentImage", width=SIZE, height=SIZE)
+    set_inputs(prompt, "KSampler", steps=1)
+    return prompt
+
+
+def forget_prompt(object_info: dict, concept: str, filename: str, **train_inputs) -> dict:
+    prompt = shipped_prompt("forget_concept", object_info)
+    set_inputs(prompt, "FMN_ForgetTrain", concepts=concept, steps=2, resolution=SIZE, **train_inputs)
+    set_inputs(prompt, "FMN_SaveForgetPatch", filename=filename)
+    return prompt
+
+
+def stack_prompt(object_info: dict, patch_names: tuple[str, str], strength: float) -> dict:
+    prompt = shipped_prompt("stack_patches", object_info)
+    set_inputs(prompt, "FMN_ApplyForgetPatch", strength=strength)
+    for loader, name in zip(nodes_of(prompt, "FMN_LoadForgetPatch"), patch_names, strict=True):
+        loader["inputs"]["patch_name"] = name
+    return prompt
+
+
+def saved_images(server: ComfyServer, entry: dict, prompt: dict) -> dict[str, list[Path]]:
+    """Files written by each SaveImage node of the prompt, keyed by node title."""
+    found = {}
+    for node_id, node in prompt.items():
+        if node["class_type"] == "SaveImage":
+            images = entry["outputs"].get(node_id, {}).get("images", [])
+            found[node["_meta"]["title"]] = [server.output_dir / i["subfolder"] / i["filename"] for i in images]
+    return found
+
+
+def image_pixels(path: Path) -> bytes:
+    with Image.open(path) as image:
+        assert image.size == (SIZE, SIZE), f"{path.name} is {image.size}, the prompt asked for {SIZE}x{SIZE}"
+        return image.convert("RGB").tobytes()
+
+
+def check_patch_file(path: Path, concept: str) -> None:
+    """A kohya-format LoRA over every SD1.5 attn2 to_k/to_v, tagged with its concept."""
+    assert path.is_file(), f"{path.name} was not written; folder holds {sorted(p.name for p in path.parent.iterdir())}"
+    with safe_open(str(path), framework="pt") as f:
+        keys, metadata = list(f.keys()), f.metadata() or {}
+    modules = {k.rsplit(".", 2)[0] for k in keys if k.endswith((".lora_up.weight", ".lora_down.weight"))}
+    assert all(m.startswith("lora_unet_") and m.endswith(("_attn2_to_k", "_attn2_to_v")) for m in modules), sorted(modules)[:4]
+    assert len(modules) == 2 * SD15_ATTN2_LAYERS
+    assert concept in json.loads(metadata["fmn.concepts"])
+
+
+@pytest.fixture(scope="module")
+def van_gogh(server: ComfyServer, object_info: dict) -> tuple[dict, dict]:
+    """One run of the shipped forget_concept workflow: (API prompt, history entry)."""
+    prompt = forget_prompt(object_info, "Van Gogh | style", "fmn_test_van_gogh")
+    return prompt, server.run_prompt(prompt, PROMPT_TIMEOUT_S)
+
+
+def test_pack_loads_with_its_node_contract(server: ComfyServer, object_info: dict) -> None:
+    pack_lines = [line for line in server.log_text().splitlines() if f"custom_nodes/{PACK_DIR_NAME}" in line]
+    assert pack_lines, "the server never reported importing the pack"
+    failures = [line for line in pack_lines if "IMPORT FAILED" in line or "Cannot import" in line]
+    assert not failures, failures
+    for node_id, (required, optional, outputs, output_node) in NODE_CONTRACT.items():
+        node_def = object_info[node_id]
+        assert input_types(node_def, "required") == required, node_id
+        assert input_types(node_def, "optional") == optional, node_id
+        assert node_def["output"] == outputs, node_id
+        assert node_def["output_node"] is output_node, node_id
+        assert node_def["category"] == "Forget-Me-Not"
+
+
+def test_workflows_are_served_as_templates(server: ComfyServer) -> None:
+    assert sorted(server.get("/workflow_templates")[PACK_DIR_NAME]) == ["forget_concept", "stack_patches"]
+    served = server.get(f"/api/workflow_templates/{PACK_DIR_NAME}/forget_concept.json")
+    assert served == load_workflow("forget_concept")
+
+
+@pytest.mark.parametrize("name", ["forget_concept", "stack_patches"])
+def test_shipped_workflows_match_node_definitions(object_info: dict, name: str) -> None:
+    prompt = ui_to_api(load_workflow(name), object_info)
+    for node in prompt.values():
+        node_def = object_info[node["class_type"]]
+        specs = {**node_def["input"].get("required", {}), **node_def["input"].get("optional", {})}
+        for key, value in node["inputs"].items():
+            if isinstance(specs[key][0], list) and key not in FILE_COMBOS:
+                assert value in specs[key][0], f"{node['class_type']}.{key} = {value!r} is not an option"
+    samplers = nodes_of(prompt, "KSampler")
+    assert len({s["inputs"]["seed"] for s in samplers}) == 1, "samplers compared side by side must share a seed"
+    assert {s["inputs"]["steps"] for s in samplers} == {20}
+    assert nodes_of(prompt, "EmptyLatentImage")[0]["inputs"] == {"width": 512, "height": 512, "batch_size": 1}
+
+
+def test_conversion_rejects_a_widget_layout_the_node_does_not_have(object_info: dict) -> None:
+    workflow = load_workflow("forget_concept")
+    (train,) = [n for n in workflow["nodes"] if n["type"] == "FMN_ForgetTrain"]
+    train["widgets_values"].remove("fixed")  # the seed's control_after_generate value
+    with pytest.raises(WorkflowError, match="widget values"):
+        ui_to_api(workflow, object_info)
+
+
+def test_forget_concept_workflow_runs(server: ComfyServer, van_gogh: tuple[dict, dict]) -> None:
+    prompt, entry = van_gogh
+    (save_id,) = node_ids(prompt, "FMN_SaveForgetPatch")
+    assert entry["outputs"][save_id]["text"] == ["fmn_test_van_gogh.safetensors"]
+    check_patch_file(server.patches_dir / "fmn_test_van_gogh.safetensors", "Van Gogh")
+
+    images = saved_images(server, entry, prompt)
+    assert sorted(images) == ["After", "Before"]
+    before, after = (images[title] for title in ("Before", "After"))
+    assert len(before) == len(after) == 1
+    pixels_before, pixels_after = image_pixels(before[0]), image_pixels(after[0])
+    assert len(set(pixels_before)) > 1, "the original model decoded to a flat image"
+    assert pixels_before != pixels_after, "same seed, yet the patched model drew exactly the original image"
+
+
+def test_saved_patch_is_offered_by_load_forget_patch(server: ComfyServer, van_gogh: tuple[dict, dict]) -> None:
+    choices = server.get("/object_info/FMN_LoadForgetPatch")["FMN_LoadForgetPatch"]["input"]["required"]["patch_name"][0]
+    assert "fmn_test_van_gogh.safetensors" in choices
+
+
+def test_stack_patches_workflow_runs(server: ComfyServer, object_info: dict, van_gogh: tuple[dict, dict]) -> None:
+    # The second patch skips the aimed mode's encoding of ~280 preserve prompts (minutes of
+    # CLIP-L on 2 CPU cores) and so also runs the plain "k/v" mode through the server.
+    server.run_prompt(forget_prompt(object_info, "Claude Monet | style", "fmn_test_monet", mode="k/v"), PROMPT_TIMEOUT_S)
+    check_patch_file(server.patches_dir / "fmn_test_monet.safetensors", "Claude Monet")
+    names = ("fmn_test_van_gogh.safetensors", "fmn_test_monet.safetensors")
+
+    prompt = stack_prompt(object_info, names, 1.0)
+    (load_a, load_b), (apply_a, apply_b) = node_ids(prompt, "FMN_LoadForgetPatch"), node_ids(prompt, "FMN_ApplyForgetPatch")
+    assert prompt[apply_a]["inputs"]["patch"] == [load_a, 0] and prompt[apply_b]["inputs"]["patch"] == [load_b, 0]
+    assert prompt[apply_b]["inputs"]["model"] == [apply_a, 0], "the patches are not chained"
+    assert nodes_of(prompt, "KSampler")[0]["inputs"]["model"] == [apply_b, 0], "the sampler does not use the stack"
+    (stacked,) = saved_images(server, server.run_prompt(prompt, PROMPT_TIMEOUT_S), prompt).values()
+
+    off = stack_prompt(object_info, names, 0.0)
+    (unpatched,) = saved_images(server, server.run_prompt(off, PROMPT_TIMEOUT_S), off).values()
+    assert len(stacked) == len(unpatched) == 1
+    pixels = image_pixels(stacked[0])
+    assert len(set(pixels)) > 1
+    assert pixels != image_pixels(unpatched[0]), "two stacked patches drew exactly what strength 0 draws"
