@@ -14,22 +14,43 @@ from __future__ import annotations
 import torch
 
 
-def concept_directions(concept: torch.Tensor, preserve: torch.Tensor, count: int, ridge: float = 1e-3) -> torch.Tensor:
+class SecondMoment:
+    """Running E[x x^T] of context rows, so sets can be merged and cached cheaply."""
+
+    def __init__(self, dim: int):
+        self.total = torch.zeros(dim, dim, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, rows: torch.Tensor) -> "SecondMoment":
+        r = rows.double()
+        self.total += r.T @ r
+        self.count += r.shape[0]
+        return self
+
+    def merged(self, other: "SecondMoment") -> "SecondMoment":
+        out = SecondMoment(self.total.shape[0])
+        out.total, out.count = self.total + other.total, self.count + other.count
+        return out
+
+    def matrix(self) -> torch.Tensor:
+        return self.total / max(self.count, 1)
+
+
+def concept_directions(concept: torch.Tensor, preserve: SecondMoment, count: int, ridge: float = 1e-3) -> torch.Tensor:
     """Orthonormal (dim, count) basis that the concept uses and ordinary prompts avoid.
 
     concept: (Nc, dim) context vectors at the concept's token positions.
-    preserve: (Np, dim) context vectors of prompts that must stay as they are.
+    preserve: second moment of the context vectors of prompts that must stay as they are.
     ridge: relative regulariser of the preserve covariance (keeps the whitening stable
     when the preserve set does not span every direction).
     """
-    if concept.ndim != 2 or preserve.ndim != 2 or concept.shape[1] != preserve.shape[1]:
-        raise ValueError(f"context shapes disagree: concept {tuple(concept.shape)}, preserve {tuple(preserve.shape)}")
-    if not 1 <= count <= concept.shape[1]:
-        raise ValueError(f"direction count must be in 1..{concept.shape[1]}, got {count}")
+    dim = preserve.total.shape[0]
+    if concept.ndim != 2 or concept.shape[1] != dim:
+        raise ValueError(f"context shapes disagree: concept {tuple(concept.shape)}, preserve dimension {dim}")
+    if not 1 <= count <= dim:
+        raise ValueError(f"direction count must be in 1..{dim}, got {count}")
     c = concept.double()
-    p = preserve.double()
-    dim = c.shape[1]
-    cov_p = p.T @ p / p.shape[0]
+    cov_p = preserve.matrix()
     cov_p = cov_p + ridge * cov_p.trace() / dim * torch.eye(dim, dtype=cov_p.dtype)
     cov_c = c.T @ c / c.shape[0]
     chol = torch.linalg.cholesky(cov_p)

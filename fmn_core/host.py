@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 
 ATTN2_NAME = re.compile(
-    r"^diffusion_model\.(input_blocks|middle_block|output_blocks)\.(\d+)\.(\d+)\.transformer_blocks\.(\d+)\.attn2$"
+    r"^diffusion_model\.(input_blocks|middle_block|output_blocks)\.(?:(\d+)\.)?\d+\.transformer_blocks\.(\d+)\.attn2$"
 )
 BLOCK_NAMES = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
 SUPPORTED_ARCHS = ("SD15", "SD20", "SD21UnclipL", "SD21UnclipH", "SD_X4Upscaler")
@@ -31,6 +31,7 @@ class Attn2Layer:
     module: str  # e.g. "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2"
     block: tuple[str, int, int]  # attn2 replace key: (block name, block id, transformer index)
     heads: int
+    dim_head: int
     context_dim: int
 
     def weight_key(self, projection: str) -> str:
@@ -44,9 +45,11 @@ def attn2_layers(patcher) -> list[Attn2Layer]:
         match = ATTN2_NAME.match(name)
         if match is None:
             continue
-        kind, block_id, _, index = match.groups()
+        kind, block_id, index = match.groups()
         number = 0 if kind == "middle_block" else int(block_id)
-        layers.append(Attn2Layer(name, (BLOCK_NAMES[kind], number, int(index)), module.heads, module.to_k.in_features))
+        block = (BLOCK_NAMES[kind], number, int(index))
+        heads = module.heads
+        layers.append(Attn2Layer(name, block, heads, module.to_k.out_features // heads, module.to_k.in_features))
     if not layers:
         raise ValueError(
             f"no UNet cross-attention layers found in model type {model_arch(patcher)}: "
@@ -144,7 +147,7 @@ def register_attn2(patcher, layers: list[Attn2Layer], make: Callable[[Attn2Layer
 
 
 class _CopyWeight:
-    """Identity weight wrapper: its presence makes the host copy the weight at cast time.
+    """Identity weight/bias wrapper: its presence makes the host copy the tensor at cast time.
 
     Weights loaded under `torch.inference_mode()` are inference tensors, which autograd
     refuses to save for backward; the host's own trainer avoids that the same way.
@@ -174,9 +177,11 @@ def trainable_unet(patcher, wrappers: dict[str, torch.nn.Module], to_device: tor
         patcher.add_weight_wrapper(key, wrapper)
     if _needs_weight_copies(patcher):
         for name, module in patcher.model.named_modules():
-            if hasattr(module, "weight_function") and getattr(module, "weight", None) is not None:
-                key = f"{name}.weight"
-                if key not in wrappers:
+            if not hasattr(module, "weight_function"):
+                continue
+            for attr in ("weight", "bias"):  # norms save both for backward
+                key = f"{name}.{attr}"
+                if getattr(module, attr, None) is not None and key not in wrappers:
                     copy = _CopyWeight()
                     patcher.add_weight_wrapper(key, copy)
                     installed.append(copy)
@@ -203,9 +208,10 @@ def _unload(patcher, installed: list) -> None:
             break
     ours = {id(w) for w in installed}
     for module in patcher.model.modules():
-        functions = getattr(module, "weight_function", None)
-        if functions:
-            module.weight_function = [f for f in functions if id(f) not in ours]
+        for attr in ("weight_function", "bias_function"):
+            functions = getattr(module, attr, None)
+            if functions:
+                setattr(module, attr, [f for f in functions if id(f) not in ours])
 
 
 def device() -> torch.device:

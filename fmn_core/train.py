@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -44,7 +45,7 @@ MODES: dict[str, TrainMode] = {
 @dataclass
 class ForgetConfig:
     steps: int = 35                # the paper's step count
-    learning_rate: float = 3e-3    # AdamW on the low-rank factors
+    learning_rate: float = 1e-2    # AdamW on the (head-scaled) low-rank factors
     rank: int = 2                  # directions (aimed) or LoRA rank per concept
     seed: int = 0
     mode: str = "aimed k/v"        # a key of MODES
@@ -95,36 +96,58 @@ def build_examples(clip, concepts: list[Concept], include_end: bool) -> list[Exa
         if not needle:
             raise ValueError(f"concept {concept.text!r} tokenizes to nothing usable: give words or embedding:NAME")
         for prompt in concept.prompts():
-            positions = concept_positions(host.tokenize(clip, prompt), needle, special, include_end)
+            chunks = host.tokenize(clip, prompt)
+            positions = concept_positions(chunks, needle, special, include_end)
             if not positions:
                 raise ValueError(f"concept {concept.text!r} was not found in its prompt {prompt!r} after tokenizing")
             context = host.encode(clip, prompt)
-            examples.append(Example(index, context, column_mask(positions, context.shape[1])))
+            mask = column_mask(positions, context.shape[1])
+            examples.append(Example(index, context, mask))
     return examples
+
+
+_PRESERVE_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def preserve_moment(clip) -> aim.SecondMoment:
+    """Second moment of the preserve prompts' contexts, cached per text encoder state.
+
+    It depends only on the encoder's weights, patches and layer choice, so it is computed
+    once per CLIP (a few seconds on a CPU for a full-size encoder) and reused by every run.
+    """
+    key = (clip.patcher.patches_uuid, clip.layer_idx)
+    per_encoder = _PRESERVE_CACHE.setdefault(clip.cond_stage_model, {})
+    if key not in per_encoder:
+        contexts = host.encode_many(clip, preserve_prompts())
+        per_encoder[key] = aim.SecondMoment(contexts.shape[-1]).add(contexts.reshape(-1, contexts.shape[-1]))
+    return per_encoder[key]
 
 
 def concept_basis(clip, examples: list[Example], n_concepts: int, rank: int) -> torch.Tensor:
     """Directions each concept's tokens use and ordinary prompts (and the rest of the
     training prompts: start, template words, padding) avoid; `rank` per concept."""
-    preserve = list(host.encode_many(clip, preserve_prompts()))
-    preserve += [e.context[0][e.mask == 0] for e in examples]
-    preserve_rows = torch.cat(preserve)
+    own = aim.SecondMoment(examples[0].context.shape[-1])
+    for e in examples:
+        own.add(e.context[0][e.mask == 0])
+    preserve = preserve_moment(clip).merged(own)
     bases = []
     for c in range(n_concepts):
         rows = torch.cat([e.context[0][e.mask > 0] for e in examples if e.concept == c])
-        bases.append(aim.concept_directions(rows, preserve_rows, min(rank, rows.shape[0])))
+        bases.append(aim.concept_directions(rows, preserve, min(rank, rows.shape[0])))
     return aim.combine_bases(bases)
 
 
 def build_deltas(patcher, layers: list[host.Attn2Layer], mode: TrainMode, rank: int, basis: torch.Tensor | None,
                  generator: torch.Generator) -> dict[str, LowRankDelta]:
-    shapes = host.weight_shapes(patcher, [layer.weight_key(p) for layer in layers for p in mode.projections])
     deltas = {}
-    for key, (out_features, in_features) in shapes.items():
-        if basis is not None:
-            deltas[key] = LowRankDelta.aimed(out_features, basis)
-        else:
-            deltas[key] = LowRankDelta.free(out_features, in_features, rank, generator)
+    for layer in layers:
+        keys = [layer.weight_key(p) for p in mode.projections]
+        scale = layer.dim_head ** -0.5
+        for key, (out_features, in_features) in host.weight_shapes(patcher, keys).items():
+            if basis is not None:
+                deltas[key] = LowRankDelta.aimed(out_features, basis, scale)
+            else:
+                deltas[key] = LowRankDelta.free(out_features, in_features, rank, scale, generator)
     return deltas
 
 

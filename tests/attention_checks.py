@@ -1,0 +1,52 @@
+"""Held-out attention measurements shared by the training tests."""
+from __future__ import annotations
+
+import torch
+
+from fmn_pack.fmn_core import host, metrics
+from fmn_pack.fmn_core.tokens import SpecialTokens, concept_positions, content_tokens
+
+HELD_OUT_SEEDS = [101, 202]
+HELD_OUT_TIMESTEPS = [200, 700]
+RESOLUTION = 128
+HELD_OUT_TEMPLATES = ["a quiet village painted by {}", "{} sunflowers on a table"]
+PROMPTS_WITHOUT_CONCEPT = [
+    "a red bicycle leaning against a brick wall",
+    "an astronaut riding a horse on the moon",
+    "a bowl of soup with fresh bread",
+]
+
+
+def shares(model, clip, prompt: str) -> torch.Tensor:
+    context = host.encode(clip, prompt)
+    return metrics.token_shares(model, context, HELD_OUT_SEEDS, HELD_OUT_TIMESTEPS, RESOLUTION)
+
+
+def concept_share_ratio(before, after, clip, concept: str) -> float:
+    """Largest after/before ratio of the concept's attention share over held-out templates."""
+    special = SpecialTokens(**host.special_tokens(clip))
+    needle = content_tokens(host.tokenize(clip, concept), special)
+    ratios = []
+    for template in HELD_OUT_TEMPLATES:
+        prompt = template.format(concept)
+        positions = concept_positions(host.tokenize(clip, prompt), needle, special)
+        ratios.append(float(shares(after, clip, prompt)[positions].sum() / shares(before, clip, prompt)[positions].sum()))
+    return max(ratios)
+
+
+def word_positions(clip, prompt: str) -> list[int]:
+    """Positions of the prompt's words: between the start token and the real end token."""
+    special = SpecialTokens(**host.special_tokens(clip))
+    tokens = host.tokenize(clip, prompt)[0]
+    end = next(i for i, t in enumerate(tokens[1:], start=1) if t == special.end)
+    return list(range(1, end))
+
+
+def worst_word_change(before, after, clip) -> float:
+    """Largest relative change of any word's attention share in prompts without the concept."""
+    worst = 0.0
+    for prompt in PROMPTS_WITHOUT_CONCEPT:
+        words = word_positions(clip, prompt)
+        b, a = shares(before, clip, prompt)[words], shares(after, clip, prompt)[words]
+        worst = max(worst, float(((a - b).abs() / b).max()))
+    return worst

@@ -1,0 +1,101 @@
+"""Forget Train on small SD1- and SD2-layout models built from the host's own classes."""
+import pytest
+import torch
+
+import comfy.model_management
+import host_models as hm
+from attention_checks import RESOLUTION, concept_share_ratio, worst_word_change
+from fmn_pack.fmn_core import host
+from fmn_pack.fmn_core.concepts import parse_concepts
+from fmn_pack.fmn_core.train import ForgetConfig, forget
+
+CONCEPT = "van gogh"
+
+
+def train(model, clip, mode="aimed k/v", **overrides):
+    config = ForgetConfig(resolution=RESOLUTION, mode=mode, **overrides)
+    return forget(model, clip, parse_concepts(f"{CONCEPT} | style"), config)
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    return hm.sd15_model(), hm.sd1_clip()
+
+
+@pytest.fixture(scope="module")
+def sd1_result(sd1):
+    return train(*sd1)
+
+
+@pytest.mark.parametrize("layout", ["sd1", "sd2"])
+def test_aimed_update_forgets_the_concept_and_keeps_other_words(layout, sd1, sd1_result):
+    model, clip = sd1 if layout == "sd1" else (hm.sd2_model(), hm.sd2_clip())
+    result = sd1_result if layout == "sd1" else train(model, clip)
+    assert len(host.attn2_layers(model)) == 16
+    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
+    assert last < 0.8 * first, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    patched = host.apply_lora(model, result.lora, 1.0)
+    ratio = concept_share_ratio(model, patched, clip, CONCEPT)
+    assert ratio <= 0.5, f"concept attention share only fell to {ratio:.2f} of before on held-out prompts"
+    worst = worst_word_change(model, patched, clip)
+    assert worst < 0.25, f"a word of a prompt without the concept moved by {worst:.0%}"
+
+
+def test_naive_update_disturbs_other_words_where_the_aimed_one_does_not(sd1, sd1_result):
+    """The same budget without aim moves unrelated words far more: the aim is what keeps them."""
+    model, clip = sd1
+    naive = train(model, clip, mode="k/v")
+    naive_change = worst_word_change(model, host.apply_lora(model, naive.lora, 1.0), clip)
+    aimed_change = worst_word_change(model, host.apply_lora(model, sd1_result.lora, 1.0), clip)
+    assert naive_change > 0.3 and aimed_change < naive_change / 2, (naive_change, aimed_change)
+
+
+def test_only_attn2_weights_differ_after_applying(sd1, sd1_result):
+    model, _ = sd1
+    comfy.model_management.load_models_gpu([model])  # the host patches shared weights in place: load the original
+    before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    patched = host.apply_lora(model, sd1_result.lora, 1.0)
+    comfy.model_management.load_models_gpu([patched])
+    after = patched.model.diffusion_model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in changed), sorted(changed)[:5]
+    # every key projection moves; the last layer's values feed no later attention, so the
+    # attention loss leaves them (and only them) unchanged
+    assert {k for k in before if ".attn2.to_k." in k} <= changed
+    assert len(changed) == 31
+    comfy.model_management.load_models_gpu([model])
+    assert all(torch.equal(before[k], v) for k, v in model.model.diffusion_model.state_dict().items())
+
+
+def test_same_seed_gives_the_same_patch(sd1, sd1_result):
+    again = train(*sd1)
+    assert sd1_result.lora.keys() == again.lora.keys()
+    assert all(torch.equal(sd1_result.lora[k], again.lora[k]) for k in again.lora)
+
+
+def test_gradient_clipping_really_clips(sd1, sd1_result):
+    clipped = train(*sd1, steps=5, max_grad_norm=1e-12)
+    free = train(*sd1, steps=5)
+    size = lambda r: sum(float(v.float().abs().sum()) for k, v in r.lora.items() if "lora_up" in k)  # noqa: E731
+    assert size(clipped) < 0.01 * size(free)
+
+
+def test_several_concepts_with_their_own_templates(sd1):
+    model, clip = sd1
+    concepts = parse_concepts("van gogh | style\nred fox | object\nmickey mouse | a cartoon of {} waving")
+    result = forget(model, clip, concepts, ForgetConfig(steps=6, resolution=RESOLUTION, rank=1, batch_size=3))
+    assert result.metadata["fmn.categories"] == '["style", "object", "custom"]'
+    assert result.metadata["fmn.rank"] == "3"
+    assert next(v for k, v in result.lora.items() if k.endswith("lora_up.weight")).shape[1] == 3
+
+
+def test_trains_a_model_loaded_under_inference_mode(sd1):
+    """Weights loaded by a node are inference tensors; training must still work and leave them as they were."""
+    _, clip = sd1
+    with torch.inference_mode():
+        model = hm.sd15_model(seed=3)
+        before = {k: v.clone() for k, v in model.model.state_dict().items()}
+        result = train(model, clip, steps=3)
+    assert all(p.is_inference() for p in model.model.diffusion_model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
+    assert torch.isfinite(torch.tensor(result.losses)).all()
