@@ -185,17 +185,27 @@ def trainable_unet(patcher, wrappers: dict[str, torch.nn.Module], to_device: tor
                     copy = _CopyWeight()
                     patcher.add_weight_wrapper(key, copy)
                     installed.append(copy)
-    patcher.model.requires_grad_(False)
-    mm.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
-    options = patcher.model_options["transformer_options"]
-
-    def forward(x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=options)
-
+    flags = {p: p.requires_grad for p in patcher.model.parameters()}
     try:
+        patcher.model.requires_grad_(False)
+        mm.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
+        options = patcher.model_options["transformer_options"]
+
+        def forward(x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            return patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=options)
+
         yield forward
     finally:
         _unload(patcher, installed)
+        _restore_requires_grad(flags)
+
+
+def _restore_requires_grad(flags: dict[torch.nn.Parameter, bool]) -> None:
+    for parameter, flag in flags.items():
+        if parameter.requires_grad != flag:
+            # inference tensors only accept the flag inside inference mode
+            with torch.inference_mode(parameter.is_inference()):
+                parameter.requires_grad_(flag)
 
 
 def _unload(patcher, installed: list) -> None:
