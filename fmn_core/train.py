@@ -227,18 +227,13 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
         sink = ColumnEnergy()
         clone = patcher.clone()
         host.register_attn2(clone, layers, lambda layer, previous: make_attn2_replace(layer.module, sink, previous))
-        losses: list[float] = []
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda")
+        losses: list[float] = []
         with host.trainable_unet(clone, deltas) as unet:
             for step in range(config.steps):
                 batch = [_draw(examples, source, sampling, generator, step * config.batch_size + b) for b in range(config.batch_size)]
-                sink.reset(None)
                 with autocast:
-                    for group in _group_by_length(batch):
-                        x, context, mask, sigma = (torch.cat([g[i] for g in group]).to(device) for i in range(4))
-                        sink.mask = mask
-                        unet(x, sigma, context)
-                loss = sink.sum_squares.sqrt()
+                    loss = _resteering_loss(unet, sink, batch, device)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -255,6 +250,20 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
     metadata = describe(patcher, layers, concepts, config, rank, losses)
     log.info("Forget-Me-Not: %d steps, loss %.4f -> %.4f", config.steps, losses[0], losses[-1])
     return ForgetResult(lora, metadata, losses)
+
+
+def _resteering_loss(unet, sink: ColumnEnergy, batch: list[tuple], device: torch.device) -> torch.Tensor:
+    """||target columns||_2 over every layer and head of the whole batch.
+
+    Samples whose contexts differ in length run as separate forwards; summing squares
+    across them keeps the norm exactly that of the concatenated batch.
+    """
+    sink.reset(None)
+    for group in _group_by_length(batch):
+        x, context, mask, sigma = (torch.cat([g[i] for g in group]).to(device) for i in range(4))
+        sink.mask = mask
+        unet(x, sigma, context)
+    return sink.sum_squares.sqrt()
 
 
 def _draw(examples: list[Example], source: LatentSource, sampling, generator: torch.Generator, index: int) -> tuple:

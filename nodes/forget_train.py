@@ -52,6 +52,8 @@ class ForgetTrain:
                 "batch_size": ("INT", {"default": DEFAULTS.batch_size, "min": 1, "max": 64, "tooltip": "Samples per training step."}),
                 "resolution": ("INT", {"default": DEFAULTS.resolution, "min": 64, "max": 2048, "step": 8,
                                        "tooltip": "Pixel size of the noise latents used when no images are given."}),
+                "bf16": ("BOOLEAN", {"default": DEFAULTS.bf16,
+                                     "tooltip": "Train under bf16 autocast on a CUDA GPU: faster and lighter. Ignored on CPU."}),
             },
         }
 
@@ -66,10 +68,11 @@ class ForgetTrain:
 
     def train(self, model, clip, concepts, steps, learning_rate, rank, seed, images=None, vae=None, latent=None,
               mode=DEFAULTS.mode, include_end_token=DEFAULTS.include_end_token, batch_size=DEFAULTS.batch_size,
-              resolution=DEFAULTS.resolution):
+              resolution=DEFAULTS.resolution, bf16=DEFAULTS.bf16):
         parsed = parse_concepts(concepts)
         config = ForgetConfig(steps=steps, learning_rate=learning_rate, rank=rank, seed=seed, mode=mode,
-                              batch_size=batch_size, include_end_token=include_end_token, resolution=resolution)
+                              batch_size=batch_size, include_end_token=include_end_token, resolution=resolution,
+                              bf16=bf16)
         latents = latents_for_concepts(model, parsed, images=images, vae=vae, latent=latent)
         result = forget(model, clip, parsed, config, latents, progress=host.Progress(steps))
         patch = ForgetPatch(result.lora, result.metadata)
