@@ -4,12 +4,14 @@ Node ids are part of the public workflow format: never rename them.
 """
 from .forget_train import ForgetTrain
 from .patches import ApplyForgetPatch, LoadForgetPatch, SaveForgetPatch, register_folder
+from .toybench import LoadToyBench
 
 NODES = (
     ("FMN_ForgetTrain", ForgetTrain, "Forget Train"),
     ("FMN_ApplyForgetPatch", ApplyForgetPatch, "Apply Forget Patch"),
     ("FMN_LoadForgetPatch", LoadForgetPatch, "Load Forget Patch"),
     ("FMN_SaveForgetPatch", SaveForgetPatch, "Save Forget Patch"),
+    ("FMN_LoadToyBench", LoadToyBench, "Load ToyBench"),
 )
 
 register_folder()

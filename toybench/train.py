@@ -1,0 +1,303 @@
+"""Rebuild the ToyBench weights: oracle, VAE, then the text-conditioned UNet.
+
+    .venv/bin/python -m toybench.train            # from the repo root; ~25 min on 2 CPU cores
+    .venv/bin/python -m toybench.train --unet-minutes 1 --out /tmp/tb   # smoke run
+
+Seeded. The small CLIP stays at its seeded init (frozen): the world's 24 prompts give
+distinct contexts and ComfyUI's text encoder cannot be back-propagated through anyway.
+Stages and their cost on 2 CPU cores (measured, see toybench/weights/manifest.json):
+oracle ~1 min, VAE ~2 min, UNet ~0.75 s per step at batch 64 on 4x4 latents.
+Writes unet/clip/vae/oracle .safetensors and manifest.json (sha256 per file + metrics).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WEIGHTS = HERE / "weights"
+REBUILD = ".venv/bin/python -m toybench.train   (from the Forget-Me-Not repo root)"
+
+
+def _host_on_path():
+    if "comfy" in sys.modules:
+        return
+    host = Path(os.environ.get("FMN_COMFYUI", HERE.parent / ".host" / "ComfyUI"))
+    sys.path.insert(0, str(host))
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def train_vae(images, steps, seed, log):
+    import torch
+    import torch.nn.functional as F
+    from . import model as M
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    vae = M.vae_module()
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), 2e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 10) * (1 - 0.8 * i / steps))
+    x_all = images.permute(0, 3, 1, 2) * 2 - 1
+    for step in range(steps):
+        x = x_all[torch.randint(0, len(x_all), (16,), generator=g)]
+        mean = vae.quant_conv(vae.encoder(x)).chunk(2, 1)[0]
+        # Deterministic latents plus a little noise: with the usual sampled posterior the
+        # decoder sees almost pure noise at first and a short CPU run never gets going.
+        z = mean + 0.05 * torch.randn(mean.shape, generator=g)
+        rec = vae.decoder(vae.post_quant_conv(z))
+        mse = F.mse_loss(rec, x)
+        loss = mse + 1e-5 * (mean ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 20 == 0 or step == steps - 1:
+            log(f"vae step {step} mse {mse.item():.5f}")
+    vae.eval()
+    return vae
+
+
+def rescale_vae(vae, images, target_std):
+    """Fold a per-channel affine map into quant_conv/post_quant_conv so that latents have
+    mean 0 and std `target_std` (1 / 0.18215 for the SD1.5 latent format)."""
+    import torch
+    with torch.no_grad():
+        z = vae.quant_conv(vae.encoder(images.permute(0, 3, 1, 2) * 2 - 1)).chunk(2, 1)[0]
+        m = z.mean((0, 2, 3))
+        a = target_std / z.std((0, 2, 3))
+        q, p = vae.quant_conv, vae.post_quant_conv
+        q.weight[:4] *= a[:, None, None, None]
+        q.bias[:4] = (q.bias[:4] - m) * a
+        q.bias[4:] += 2 * torch.log(a)
+        p.bias += (p.weight[:, :, 0, 0] @ m)
+        p.weight /= a[None, :, None, None]
+
+
+def train_unet(mp, latents, scene_idx, contexts, empty, minutes, max_steps, seed, log, lr=1e-3, batch=64):
+    import torch
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    bm = mp.model
+    net = bm.diffusion_model
+    net.train()
+    sigmas = bm.model_sampling.sigmas.float()
+    ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    opt = torch.optim.AdamW(net.parameters(), lr, weight_decay=0.0)
+    warm = 100
+    start = time.time()
+    step = 0
+    losses = []
+    while step < max_steps and time.time() - start < minutes * 60:
+        frac = min(1.0, (time.time() - start) / (minutes * 60))
+        for grp in opt.param_groups:
+            grp["lr"] = lr * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        idx = torch.randint(0, len(latents), (batch,), generator=g)
+        z0 = latents[idx]
+        ctx = contexts[scene_idx[idx]].clone()
+        drop = torch.rand(batch, generator=g) < 0.1
+        ctx[drop] = empty
+        t = torch.randint(0, len(sigmas), (batch,), generator=g)
+        sig = sigmas[t]
+        noise = torch.randn(z0.shape, generator=g)
+        x = z0 + noise * sig[:, None, None, None]
+        denoised = bm.apply_model(x, sig, c_crossattn=ctx)
+        eps = (x - denoised) / sig[:, None, None, None]
+        loss = ((eps - noise) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+        d = min(0.995, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in net.state_dict().items():
+                if v.dtype.is_floating_point:
+                    ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
+        losses.append(loss.item())
+        if step % 50 == 0:
+            log(f"unet step {step} loss {sum(losses[-50:]) / 50:.4f} ({time.time() - start:.0f}s)")
+    net.load_state_dict(ema)
+    net.eval()
+    return step, time.time() - start
+
+
+def conditioning(clip, prompt):
+    tokens = clip.tokenize(prompt)
+    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    return [[cond, {"pooled_output": pooled}]]
+
+
+def generate(mp, clip, vae, prompt, seeds, steps=20, cfg=5.0, negative=""):
+    """Images (N, 32, 32, 3) for `prompt`, one per seed, through the host's sampler."""
+    import torch
+    import comfy.sample
+    pos, neg = conditioning(clip, prompt), conditioning(clip, negative)
+    latent = torch.zeros(len(seeds), 4, 4, 4)
+    noise = torch.cat([comfy.sample.prepare_noise(latent[:1], s) for s in seeds])
+    samples = comfy.sample.sample(mp, noise, steps, cfg, "euler", "normal", pos, neg, latent,
+                                  disable_pbar=True, seed=seeds[0])
+    return vae.decode(samples)
+
+
+def detection_rates(mp, clip, vae, oracle_net, seeds_identity, seeds_scene, steps=20, cfg=5.0):
+    """Per-concept share of samples (prompts naming the concept) where the oracle sees it.
+
+    All prompts go through one batched call of the host's sampler (euler, `steps`, `cfg`);
+    noise per sample comes from `comfy.sample.prepare_noise` with that sample's seed."""
+    import torch
+    import comfy.sample
+    from . import oracle as O, world
+    rows, conds, seeds = [], [], []
+    cache = {}
+    for scene in world.all_scenes():
+        if scene.prompt not in cache:
+            cache[scene.prompt] = clip.encode_from_tokens(clip.tokenize(scene.prompt), return_pooled=True)
+        for seed in (seeds_identity if scene.identity else seeds_scene):
+            rows.append(scene)
+            conds.append(cache[scene.prompt])
+            seeds.append(seed)
+    cond = torch.cat([c for c, _ in conds])
+    pooled = torch.cat([p for _, p in conds])
+    neg_c, neg_p = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
+    positive = [[cond, {"pooled_output": pooled}]]
+    negative = [[neg_c.expand(len(rows), -1, -1), {"pooled_output": neg_p.expand(len(rows), -1)}]]
+    latent = torch.zeros(len(rows), 4, 4, 4)
+    noise = torch.cat([comfy.sample.prepare_noise(latent[:1], s) for s in seeds])
+    samples = comfy.sample.sample(mp, noise, steps, cfg, "euler", "normal", positive, negative, latent,
+                                  disable_pbar=True, seed=seeds[0])
+    pred = oracle_net.predict(vae.decode(samples))
+    hits = {c: [] for c in world.CONCEPTS}
+    for i, scene in enumerate(rows):
+        for c in scene.concepts:
+            hits[c].append(bool(O.detects(pred[i:i + 1], c)))
+    return {c: sum(v) / len(v) for c, v in hits.items()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(WEIGHTS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--unet-minutes", type=float, default=10.0)
+    ap.add_argument("--unet-steps", type=int, default=100000)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--vae-steps", type=int, default=200)
+    ap.add_argument("--per-scene", type=int, default=200)
+    ap.add_argument("--reuse-oracle", action="store_true", help="keep an oracle.safetensors already in --out")
+    args = ap.parse_args(argv)
+
+    _host_on_path()
+    import torch
+    from safetensors.torch import save_file
+    from . import model as M, oracle as O, world
+    import comfy.latent_formats
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.time()
+    logf = open(out / "train.log", "w")
+
+    def log(msg):
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    timings = {}
+    t = time.time()
+    if args.reuse_oracle and (out / "oracle.safetensors").is_file():
+        from safetensors.torch import load_file
+        oracle_net = O.load(load_file(str(out / "oracle.safetensors")))
+        log("oracle: reused")
+    else:
+        oracle_net = O.train(n_images=5000, epochs=4, seed=args.seed, log=log)
+    acc = O.accuracy(oracle_net)
+    log(f"oracle accuracy {json.dumps({k: round(v, 4) for k, v in acc.items()})}")
+    save_file({k: v.contiguous() for k, v in oracle_net.state_dict().items()}, out / "oracle.safetensors")
+    timings["oracle_s"] = round(time.time() - t, 1)
+
+    t = time.time()
+    scenes = world.all_scenes()
+    rng_seed = 20_000 + args.seed
+    import numpy as np
+    rng = np.random.default_rng(rng_seed)
+    imgs, sidx = [], []
+    for i, s in enumerate(scenes):
+        for _ in range(args.per_scene):
+            imgs.append(world.render(s, rng))
+            sidx.append(i)
+    images = torch.from_numpy(np.stack(imgs))
+    scene_idx = torch.tensor(sidx)
+    vae_net = train_vae(images, args.vae_steps, args.seed, log)
+    scale = comfy.latent_formats.SD15().scale_factor
+    rescale_vae(vae_net, images, 1.0 / scale)
+    vae_sd = {k: v.detach().contiguous() for k, v in vae_net.state_dict().items()}
+    save_file(vae_sd, out / "vae.safetensors")
+    vae = M.vae(vae_sd)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i:i + 512]) for i in range(0, len(images), 512)])
+        rec = vae.decode(latents[:512])
+        rec_acc = (oracle_net.predict(rec) == oracle_net.predict(images[:512])).all(-1).float().mean().item()
+    log(f"vae: latent std {latents.std().item():.3f} (process_in std {(latents * scale).std().item():.3f}), oracle agreement on reconstructions {rec_acc:.3f}")
+    timings["vae_s"] = round(time.time() - t, 1)
+
+    clip = M.clip()
+    token_ids = M.prompt_token_ids([s.prompt for s in scenes] + [""])
+    with torch.no_grad():
+        contexts = torch.cat([M.encode(clip, s.prompt) for s in scenes])
+        empty = M.encode(clip, "")[0]
+    save_file({k: v.to(torch.float16).contiguous() if v.dtype.is_floating_point else v.contiguous()
+               for k, v in M.clip_state(clip, token_ids).items()}, out / "clip.safetensors")
+
+    mp = M.unet()
+    latents_in = mp.model.latent_format.process_in(latents)
+    steps, secs = train_unet(mp, latents_in, scene_idx, contexts, empty, args.unet_minutes, args.unet_steps,
+                             args.seed, log, lr=args.lr)
+    timings["unet_s"] = round(secs, 1)
+    timings["unet_steps"] = steps
+    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in mp.model.diffusion_model.state_dict().items()},
+              out / "unet.safetensors")
+    log(f"unet: {steps} steps in {secs:.0f}s")
+
+    files = ["unet.safetensors", "clip.safetensors", "vae.safetensors", "oracle.safetensors"]
+    manifest = {
+        "about": "ToyBench weights for Forget-Me-Not; loader.py checks these sha256 sums",
+        "rebuild": REBUILD,
+        "files": {f: sha256(out / f) for f in files},
+        "bytes": {f: (out / f).stat().st_size for f in files},
+        "seed": args.seed, "lr": args.lr, "timings": timings,
+        "oracle_accuracy": {k: round(v, 4) for k, v in acc.items()},
+        "vae_reconstruction_oracle_agreement": round(rec_acc, 4),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+    t = time.time()
+    try:
+        from . import loader
+        mp2, clip2, vae2 = loader.load(out)
+        with torch.no_grad():
+            rates = detection_rates(mp2, clip2, vae2, loader.load_oracle(out), list(range(1000, 1016)), list(range(1000, 1006)))
+        log(f"detection (euler, 20 steps, cfg 5, held-out seeds): {json.dumps({k: round(v, 3) for k, v in rates.items()})}")
+        manifest["detection"] = {k: round(v, 3) for k, v in rates.items()}
+    except Exception as e:  # the weights are saved; report and keep them
+        log(f"evaluation failed: {e!r}")
+    timings["eval_s"] = round(time.time() - t, 1)
+    timings["total_s"] = round(time.time() - t_all, 1)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    log(f"total {timings['total_s']}s")
+
+
+if __name__ == "__main__":
+    main()
