@@ -14,6 +14,7 @@ if not (HOST / "comfy").is_dir():
     raise RuntimeError(f"ComfyUI tree not found at {HOST}: run `make test` (it installs it) or set FMN_COMFYUI")
 
 sys.path.insert(0, str(HOST))
+sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 

@@ -1,4 +1,4 @@
-"""The real ComfyUI server as a subprocess, in a throwaway base directory, for end-to-end tests.
+"""The real ComfyUI server as a subprocess, in a throwaway base directory (tests and `make demo`).
 
 `--base-directory` points the server's models, custom_nodes, input, output, temp and user
 folders at a temporary tree, so the run sees only this pack (linked into custom_nodes/),
@@ -6,8 +6,8 @@ the random test checkpoint (linked into models/checkpoints/) and its own outputs
 nothing of a developer's ComfyUI set-up leaks in or out (the server's database is kept in
 memory for the same reason). Every wait is bounded.
 
-(Named comfy_server, not server: the tests folder is on sys.path ahead of the ComfyUI
-tree, whose own top-level `server` module must stay importable.)
+(Named comfy_server, not server: this folder is on sys.path ahead of the ComfyUI tree,
+whose own top-level `server` module must stay importable.)
 """
 from __future__ import annotations
 
@@ -114,12 +114,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def prepare_base(base: Path, checkpoint: Path) -> None:
-    """The server's whole world: this pack, one checkpoint, an empty patch folder."""
+def prepare_base(base: Path, checkpoint: Path | None) -> None:
+    """The server's whole world: this pack, at most one checkpoint, an empty patch folder."""
     (base / "custom_nodes").mkdir(parents=True)
     (base / "custom_nodes" / PACK_DIR_NAME).symlink_to(REPO, target_is_directory=True)
     (base / "models" / "checkpoints").mkdir(parents=True)
-    (base / "models" / "checkpoints" / checkpoint.name).symlink_to(checkpoint)
+    if checkpoint is not None:
+        (base / "models" / "checkpoints" / checkpoint.name).symlink_to(checkpoint)
     (base / "models" / PATCH_FOLDER).mkdir()
     for folder in ("input", "output", "temp", "user"):
         (base / folder).mkdir()
@@ -150,7 +151,7 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def running_server(base: Path, checkpoint: Path) -> Iterator[ComfyServer]:
+def running_server(base: Path, checkpoint: Path | None = None) -> Iterator[ComfyServer]:
     """Start `main.py --cpu` on a free local port in `base`; always stop it on exit."""
     prepare_base(base, checkpoint)
     port = free_port()
