@@ -1,12 +1,18 @@
 """Rebuild the ToyBench weights: oracle, VAE, then the text-conditioned UNet.
 
-    .venv/bin/python -m toybench.train            # from the repo root; ~25 min on 2 CPU cores
+    .venv/bin/python -m toybench.train            # from the repo root; ~13 min on 2 CPU cores
     .venv/bin/python -m toybench.train --unet-minutes 1 --out /tmp/tb   # smoke run
+
+The shipped weights came from two runs (see weights/manifest.json):
+    .venv/bin/python -m toybench.train --vae-steps 1200          # UNet 10 min, ~1000 steps
+    .venv/bin/python -m toybench.train --out /tmp/tb2 --reuse-oracle \
+        --resume <first run's folder> --unet-minutes 8 --lr 5e-4  # UNet +8 min
 
 Seeded. The small CLIP stays at its seeded init (frozen): the world's 24 prompts give
 distinct contexts and ComfyUI's text encoder cannot be back-propagated through anyway.
 Stages and their cost on 2 CPU cores (measured, see toybench/weights/manifest.json):
-oracle ~1 min, VAE ~2 min, UNet ~0.75 s per step at batch 64 on 4x4 latents.
+oracle ~1 min, VAE ~75 s for 1200 steps, UNet ~0.6 s per step at batch 64 on 4x4 latents
+(all slower when the cores are shared).
 Writes unet/clip/vae/oracle .safetensors and manifest.json (sha256 per file + metrics).
 """
 from __future__ import annotations
@@ -194,8 +200,9 @@ def main(argv=None):
     ap.add_argument("--unet-minutes", type=float, default=10.0)
     ap.add_argument("--unet-steps", type=int, default=100000)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--vae-steps", type=int, default=200)
+    ap.add_argument("--vae-steps", type=int, default=1200)
     ap.add_argument("--per-scene", type=int, default=200)
+    ap.add_argument("--resume", default=None, help="folder of an earlier run: keep its VAE, continue its UNet")
     ap.add_argument("--reuse-oracle", action="store_true", help="keep an oracle.safetensors already in --out")
     args = ap.parse_args(argv)
 
@@ -240,10 +247,15 @@ def main(argv=None):
             sidx.append(i)
     images = torch.from_numpy(np.stack(imgs))
     scene_idx = torch.tensor(sidx)
-    vae_net = train_vae(images, args.vae_steps, args.seed, log)
     scale = comfy.latent_formats.SD15().scale_factor
-    rescale_vae(vae_net, images, 1.0 / scale)
-    vae_sd = {k: v.detach().contiguous() for k, v in vae_net.state_dict().items()}
+    if args.resume:
+        from safetensors.torch import load_file
+        vae_sd = load_file(str(Path(args.resume) / "vae.safetensors"))
+        log(f"vae: reused from {args.resume}")
+    else:
+        vae_net = train_vae(images, args.vae_steps, args.seed, log)
+        rescale_vae(vae_net, images, 1.0 / scale)
+        vae_sd = {k: v.detach().contiguous() for k, v in vae_net.state_dict().items()}
     save_file(vae_sd, out / "vae.safetensors")
     vae = M.vae(vae_sd)
     with torch.no_grad():
@@ -262,6 +274,10 @@ def main(argv=None):
                for k, v in M.clip_state(clip, token_ids).items()}, out / "clip.safetensors")
 
     mp = M.unet()
+    if args.resume:
+        from safetensors.torch import load_file
+        mp.model.diffusion_model.load_state_dict({k: v.float() for k, v in load_file(str(Path(args.resume) / "unet.safetensors")).items()})
+        log(f"unet: resumed from {args.resume}")
     latents_in = mp.model.latent_format.process_in(latents)
     steps, secs = train_unet(mp, latents_in, scene_idx, contexts, empty, args.unet_minutes, args.unet_steps,
                              args.seed, log, lr=args.lr)
@@ -277,7 +293,7 @@ def main(argv=None):
         "rebuild": REBUILD,
         "files": {f: sha256(out / f) for f in files},
         "bytes": {f: (out / f).stat().st_size for f in files},
-        "seed": args.seed, "lr": args.lr, "timings": timings,
+        "seed": args.seed, "lr": args.lr, "resumed_from": args.resume, "timings": timings,
         "oracle_accuracy": {k: round(v, 4) for k, v in acc.items()},
         "vae_reconstruction_oracle_agreement": round(rec_acc, 4),
     }
