@@ -50,7 +50,7 @@ class ForgetTrain:
                 "include_end_token": ("BOOLEAN", {"default": DEFAULTS.include_end_token,
                                                   "tooltip": "Also lower attention on the prompt's end token, which summarises the whole prompt."}),
                 "batch_size": ("INT", {"default": DEFAULTS.batch_size, "min": 1, "max": 64, "tooltip": "Samples per training step."}),
-                "resolution": ("INT", {"default": DEFAULTS.resolution, "min": 64, "max": 2048, "step": 8,
+                "resolution": ("INT", {"default": DEFAULTS.resolution, "min": 32, "max": 2048, "step": 8,
                                        "tooltip": "Pixel size of the noise latents used when no images are given."}),
                 "bf16": ("BOOLEAN", {"default": DEFAULTS.bf16,
                                      "tooltip": "Train under bf16 autocast on a CUDA GPU: faster and lighter. Ignored on CPU."}),

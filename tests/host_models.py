@@ -8,8 +8,6 @@ is nearly the same and attention tests mean little.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 import comfy.model_management
@@ -18,6 +16,7 @@ import comfy.sd
 import comfy.sd1_clip
 import comfy.text_encoders.sd2_clip as sd2_clip_module
 import comfy.supported_models
+from fmn_pack.toybench.model import init_module
 
 UNET_BASE = {
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
@@ -28,27 +27,6 @@ UNET_BASE = {
 }
 SD15_UNET = {**UNET_BASE, "model_channels": 32, "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8}
 SD2_UNET = {**UNET_BASE, "model_channels": 64, "use_linear_in_transformer": True, "context_dim": 1024, "num_head_channels": 64}
-
-
-def init_module(module: torch.nn.Module, seed: int) -> None:
-    """Deterministic, sane initialisation for modules whose parameters start uninitialised."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if "norm" in name and leaf == "weight":
-                p.fill_(1.0)
-            elif leaf == "bias":
-                p.zero_()
-            elif "token_embedding" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            elif "position_embedding" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-            elif p.dim() >= 2:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
 def _patcher(model_config, seed: int) -> comfy.model_patcher.ModelPatcher:
