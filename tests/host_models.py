@@ -16,17 +16,11 @@ import comfy.sd
 import comfy.sd1_clip
 import comfy.text_encoders.sd2_clip as sd2_clip_module
 import comfy.supported_models
+from fmn_pack.toybench.model import UNET_CONFIG as SD15_UNET
 from fmn_pack.toybench.model import init_module
 
-UNET_BASE = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-    "legacy": False, "adm_in_channels": None, "in_channels": 4, "num_res_blocks": [2, 2, 2, 2],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4],
-    "transformer_depth_middle": 1, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "use_temporal_attention": False, "use_temporal_resblock": False,
-}
-SD15_UNET = {**UNET_BASE, "model_channels": 32, "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8}
-SD2_UNET = {**UNET_BASE, "model_channels": 64, "use_linear_in_transformer": True, "context_dim": 1024, "num_head_channels": 64}
+SD2_UNET = {**{k: v for k, v in SD15_UNET.items() if k != "num_heads"},
+            "model_channels": 64, "use_linear_in_transformer": True, "context_dim": 1024, "num_head_channels": 64}
 
 
 def _patcher(model_config, seed: int) -> comfy.model_patcher.ModelPatcher:

@@ -20,7 +20,7 @@ class ToyBenchWeightsError(RuntimeError):
     pass
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -45,7 +45,7 @@ def checked_file(name: str, folder: Path | str = WEIGHTS) -> Path:
                                    f"Rebuild the weights with: {REBUILD}")
     if not path.is_file():
         raise ToyBenchWeightsError(f"ToyBench weights file missing: {path}. Rebuild the weights with: {REBUILD}")
-    if _sha256(path) != expected:
+    if sha256(path) != expected:
         raise ToyBenchWeightsError(f"ToyBench weights file altered (sha256 does not match the manifest): {path}. "
                                    f"Rebuild the weights with: {REBUILD}")
     return path

@@ -18,7 +18,6 @@ Writes unet/clip/vae/oracle .safetensors and manifest.json (sha256 per file + me
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -26,9 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+from .loader import REBUILD, WEIGHTS, sha256
+
 HERE = Path(__file__).resolve().parent
-WEIGHTS = HERE / "weights"
-REBUILD = ".venv/bin/python -m toybench.train   (from the Forget-Me-Not repo root)"
 
 
 def _host_on_path():
@@ -38,14 +37,6 @@ def _host_on_path():
     sys.path.insert(0, str(host))
     import comfy.cli_args
     comfy.cli_args.args.cpu = True
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def train_vae(images, steps, seed, log):
