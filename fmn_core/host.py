@@ -104,6 +104,12 @@ def special_tokens(clip) -> dict[str, int | None]:
     }
 
 
+def text_encoder_state(clip) -> tuple[torch.nn.Module, tuple]:
+    """The encoder module and a key for its current patches and layer choice: what a
+    cached function of the encoder's outputs must be keyed on."""
+    return clip.cond_stage_model, (clip.patcher.patches_uuid, clip.layer_idx)
+
+
 def encode(clip, text: str) -> torch.Tensor:
     """Conditioning context [1, tokens, dim] of one prompt, as a normal (non-inference) tensor."""
     cond = clip.encode_from_tokens(clip.tokenize(text))

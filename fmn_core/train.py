@@ -115,8 +115,8 @@ def preserve_moment(clip) -> aim.SecondMoment:
     It depends only on the encoder's weights, patches and layer choice, so it is computed
     once per CLIP (a few seconds on a CPU for a full-size encoder) and reused by every run.
     """
-    key = (clip.patcher.patches_uuid, clip.layer_idx)
-    per_encoder = _PRESERVE_CACHE.setdefault(clip.cond_stage_model, {})
+    module, key = host.text_encoder_state(clip)
+    per_encoder = _PRESERVE_CACHE.setdefault(module, {})
     if key not in per_encoder:
         contexts = host.encode_many(clip, preserve_prompts())
         per_encoder[key] = aim.SecondMoment(contexts.shape[-1]).add(contexts.reshape(-1, contexts.shape[-1]))

@@ -13,6 +13,8 @@ CONCEPTS_TOOLTIP = (
     "show this concept. Examples: 'Van Gogh | style', 'embedding:my_cat | identity | images=0-3'."
 )
 
+MODE_TOOLTIP = "Which weights train. " + "; ".join(f"'{name}': {mode.description}" for name, mode in MODES.items()) + "."
+
 
 class ForgetTrain:
     CATEGORY = "Forget-Me-Not"
@@ -45,8 +47,7 @@ class ForgetTrain:
                 "images": ("IMAGE", {"tooltip": "Images of the concepts (encoded with the VAE). Without images, pure noise is used as in the paper."}),
                 "vae": ("VAE", {"tooltip": "Encodes the images; needed when images are connected."}),
                 "latent": ("LATENT", {"tooltip": "Already encoded concept latents, instead of images."}),
-                "mode": (list(MODES), {"default": DEFAULTS.mode,
-                                       "tooltip": "Which weights train. 'aimed k/v' changes only the concept's own text directions, so other words keep their attention."}),
+                "mode": (list(MODES), {"default": DEFAULTS.mode, "tooltip": MODE_TOOLTIP}),
                 "include_end_token": ("BOOLEAN", {"default": DEFAULTS.include_end_token,
                                                   "tooltip": "Also lower attention on the prompt's end token, which summarises the whole prompt."}),
                 "batch_size": ("INT", {"default": DEFAULTS.batch_size, "min": 1, "max": 64, "tooltip": "Samples per training step."}),
