@@ -3,16 +3,20 @@
     .venv/bin/python -m toybench.train            # from the repo root; ~13 min on 2 CPU cores
     .venv/bin/python -m toybench.train --unet-minutes 1 --out /tmp/tb   # smoke run
 
-The shipped weights came from two runs (see weights/manifest.json):
-    .venv/bin/python -m toybench.train --vae-steps 1200          # UNet 10 min, ~1000 steps
-    .venv/bin/python -m toybench.train --out /tmp/tb2 --reuse-oracle \
-        --resume <first run's folder> --unet-minutes 8 --lr 5e-4  # UNet +8 min
+The shipped weights came from four runs, each continuing the UNet of the one before
+(weights/manifest.json keeps their figures under "history"; the logs are in weights/):
+    .venv/bin/python -m toybench.train --vae-steps 1200 --out A                # UNet 10 min
+    .venv/bin/python -m toybench.train --out B --reuse-oracle --resume A --unet-minutes 8 --lr 5e-4
+    .venv/bin/python -m toybench.train --out C --resume B --unet-minutes 35 --lr 5e-4
+        # the world gained its generic scenes here, so the oracle was retrained; C was then
+        # continued for 10 minutes (--lr 4e-4) before the generic "a picture" became "an object"
+    .venv/bin/python -m toybench.train --out D --resume C --unet-minutes 28 --lr 5e-4
 
-Seeded. The small CLIP stays at its seeded init (frozen): the world's 24 prompts give
+Seeded. The small CLIP stays at its seeded init (frozen): the world's 30 prompts give
 distinct contexts and ComfyUI's text encoder cannot be back-propagated through anyway.
 Stages and their cost on 2 CPU cores (measured, see toybench/weights/manifest.json):
-oracle ~1 min, VAE ~75 s for 1200 steps, UNet ~0.6 s per step at batch 64 on 4x4 latents
-(all slower when the cores are shared).
+oracle ~1 min, VAE ~75 s for 1200 steps, UNet ~0.6-1.4 s per step at batch 64 on 4x4
+latents (all slower when the cores are shared).
 Writes unet/clip/vae/oracle .safetensors and manifest.json (sha256 per file + metrics).
 """
 from __future__ import annotations
@@ -85,7 +89,9 @@ def rescale_vae(vae, images, target_std):
         p.weight /= a[None, :, None, None]
 
 
-def train_unet(mp, latents, scene_idx, contexts, empty, minutes, max_steps, seed, log, lr=1e-3, batch=64):
+def train_unet(mp, latents, scene_idx, contexts, empty, minutes, max_steps, seed, log, lr=1e-3, batch=64, snapshot=None):
+    """Denoising training with an EMA of the weights; `snapshot(ema)` is called every 5
+    minutes so a long run can be inspected (and is not lost) before it ends."""
     import torch
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -96,7 +102,7 @@ def train_unet(mp, latents, scene_idx, contexts, empty, minutes, max_steps, seed
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
     opt = torch.optim.AdamW(net.parameters(), lr, weight_decay=0.0)
     warm = 100
-    start = time.time()
+    start = last_snapshot = time.time()
     step = 0
     losses = []
     while step < max_steps and time.time() - start < minutes * 60:
@@ -127,6 +133,9 @@ def train_unet(mp, latents, scene_idx, contexts, empty, minutes, max_steps, seed
         losses.append(loss.item())
         if step % 50 == 0:
             log(f"unet step {step} loss {sum(losses[-50:]) / 50:.4f} ({time.time() - start:.0f}s)")
+        if snapshot is not None and time.time() - last_snapshot > 300:
+            snapshot(ema)
+            last_snapshot = time.time()
     net.load_state_dict(ema)
     net.eval()
     return step, time.time() - start
@@ -150,17 +159,20 @@ def generate(mp, clip, vae, prompt, seeds, steps=20, cfg=5.0, negative=""):
     return vae.decode(samples)
 
 
-def detection_rates(mp, clip, vae, oracle_net, seeds_identity, seeds_scene, steps=20, cfg=5.0):
+def detection_rates(mp, clip, vae, oracle_net, seeds_identity, seeds_scene, steps=20, cfg=5.0, scenes=None):
     """Per-concept share of samples (prompts naming the concept) where the oracle sees it.
 
-    All prompts go through one batched call of the host's sampler (euler, `steps`, `cfg`);
-    noise per sample comes from `comfy.sample.prepare_noise` with that sample's seed."""
+    All prompts (every scene of the world, or `scenes`) go through one batched call of the
+    host's sampler (euler, `steps`, `cfg`); noise per sample comes from
+    `comfy.sample.prepare_noise` with that sample's seed."""
     import torch
     import comfy.sample
     from . import oracle as O, world
     rows, conds, seeds = [], [], []
     cache = {}
-    for scene in world.all_scenes():
+    for scene in scenes or world.all_scenes():
+        if not scene.concepts:
+            continue
         if scene.prompt not in cache:
             cache[scene.prompt] = clip.encode_from_tokens(clip.tokenize(scene.prompt), return_pooled=True)
         for seed in (seeds_identity if scene.identity else seeds_scene):
@@ -181,7 +193,7 @@ def detection_rates(mp, clip, vae, oracle_net, seeds_identity, seeds_scene, step
     for i, scene in enumerate(rows):
         for c in scene.concepts:
             hits[c].append(bool(O.detects(pred[i:i + 1], c)))
-    return {c: sum(v) / len(v) for c, v in hits.items()}
+    return {c: sum(v) / len(v) for c, v in hits.items() if v}
 
 
 def main(argv=None):
@@ -270,21 +282,31 @@ def main(argv=None):
         mp.model.diffusion_model.load_state_dict({k: v.float() for k, v in load_file(str(Path(args.resume) / "unet.safetensors")).items()})
         log(f"unet: resumed from {args.resume}")
     latents_in = mp.model.latent_format.process_in(latents)
+
+    def save_unet(state):
+        tmp = out / "unet.safetensors.tmp"
+        save_file({k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}, tmp)
+        os.replace(tmp, out / "unet.safetensors")
+
     steps, secs = train_unet(mp, latents_in, scene_idx, contexts, empty, args.unet_minutes, args.unet_steps,
-                             args.seed, log, lr=args.lr)
+                             args.seed, log, lr=args.lr, snapshot=save_unet)
     timings["unet_s"] = round(secs, 1)
     timings["unet_steps"] = steps
-    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in mp.model.diffusion_model.state_dict().items()},
-              out / "unet.safetensors")
+    save_unet(mp.model.diffusion_model.state_dict())
     log(f"unet: {steps} steps in {secs:.0f}s")
 
     files = ["unet.safetensors", "clip.safetensors", "vae.safetensors", "oracle.safetensors"]
+    history = []
+    if args.resume and (Path(args.resume) / "manifest.json").is_file():
+        earlier = json.loads((Path(args.resume) / "manifest.json").read_text())
+        history = earlier.get("history", []) + [{k: earlier.get(k) for k in ("lr", "timings", "detection", "files")}]
     manifest = {
         "about": "ToyBench weights for Forget-Me-Not; loader.py checks these sha256 sums",
         "rebuild": REBUILD,
         "files": {f: sha256(out / f) for f in files},
         "bytes": {f: (out / f).stat().st_size for f in files},
-        "seed": args.seed, "lr": args.lr, "resumed_from": args.resume, "timings": timings,
+        "seed": args.seed, "lr": args.lr, "command": " ".join(sys.argv[1:]), "timings": timings,
+        "history": history,  # the runs this one continued, oldest first
         "oracle_accuracy": {k: round(v, 4) for k, v in acc.items()},
         "vae_reconstruction_oracle_agreement": round(rec_acc, 4),
     }

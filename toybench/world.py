@@ -12,6 +12,12 @@ Prompts: "a portrait of {identity}", "a {object}" (plain style: white on grey, n
 concept), "a {object} in the style of {style}". Every image carries labels for the three
 heads of the oracle: identity, object and style, where index 0 means "none".
 
+Generic scenes name no concept: "a portrait of a person" (a plain face), "an object" (a
+rounded block, in no concept's shape) and "an object in the style of {style}". They give
+the model what a real one has, "someone" and "something" that are no particular concept,
+so that a forgotten concept can fall back to them (the pack's default anchors for
+identities and objects) instead of to one of its three neighbours.
+
 32 px images give 4x4 latents with the SD VAE factor 8: small enough to train on two CPU
 cores in minutes. Nuisances (position, size, colour jitter, pixel noise) keep the
 images from being exact copies.
@@ -38,15 +44,18 @@ class Scene:
     identity: int = 0  # 0 = none, else 1 + index into IDENTITIES
     object: int = 0
     style: int = 0
+    person: bool = False  # a generic face: "a portrait of a person"
 
     @property
     def prompt(self) -> str:
+        if self.person:
+            return "a portrait of a person"
         if self.identity:
             return f"a portrait of {IDENTITIES[self.identity - 1]}"
-        obj = OBJECTS[self.object - 1]
+        obj = f"a {OBJECTS[self.object - 1]}" if self.object else "an object"
         if self.style:
-            return f"a {obj} in the style of {STYLES[self.style - 1]}"
-        return f"a {obj}"
+            return f"{obj} in the style of {STYLES[self.style - 1]}"
+        return obj
 
     @property
     def concepts(self) -> tuple[str, ...]:
@@ -61,11 +70,17 @@ class Scene:
 
 
 def all_scenes() -> list[Scene]:
-    """Every prompt of the world: 4 portraits, 4 plain objects, 16 styled objects."""
+    """Every prompt of the world: 4 portraits, 4 plain objects, 16 styled objects, then
+    the 6 generic scenes (a person, a picture, a picture in each style)."""
     scenes = [Scene(identity=i) for i in range(1, 5)]
     scenes += [Scene(object=o) for o in range(1, 5)]
     scenes += [Scene(object=o, style=s) for o in range(1, 5) for s in range(1, 5)]
-    return scenes
+    return scenes + generic_scenes()
+
+
+def generic_scenes() -> list[Scene]:
+    """Scenes that name no concept: a person, an object, an object in each style."""
+    return [Scene(person=True), Scene()] + [Scene(style=s) for s in range(1, 5)]
 
 
 def scenes_for(concept: str) -> list[Scene]:
@@ -113,8 +128,11 @@ def _line(x, y, x0, y0, x1, y1, w):
 
 
 def _object_mask(kind: int, x, y, cx, cy, s):
-    """Mask of object `kind` (1..4) centred at (cx, cy), scale s (~1)."""
+    """Mask of object `kind` (1..4; 0: the generic rounded block) centred at (cx, cy), scale s (~1)."""
     r = 10.0 * s
+    if kind == 0:
+        return (np.maximum(np.abs(x - cx) - r * 0.35, 0) ** 2 + np.maximum(np.abs(y - cy) - r * 0.35, 0) ** 2
+                <= (r * 0.45) ** 2).astype(np.float32)
     if kind == 1:  # ring
         d = np.hypot(x - cx, y - cy)
         return ((d <= r) & (d >= r * 0.55)).astype(np.float32)
@@ -180,7 +198,20 @@ def _draw_identity(img, ident, x, y, rng):
         raise ValueError(ident)
 
 
+def _draw_person(img, x, y, rng):
+    """A plain face: beige oval, two dot eyes, a short mouth, warm grey backdrop."""
+    cx, cy = SIZE / 2 + rng.uniform(-2, 2), SIZE / 2 + rng.uniform(-1.5, 1.5)
+    s = rng.uniform(0.9, 1.1)
+    img[:] = _jit(rng, (0.55, 0.50, 0.45))
+    face = np.clip(((x - cx) / (8.5 * s)) ** 2 + ((y - cy) / (11 * s)) ** 2, 0, 2) <= 1
+    _paint(img, face.astype(np.float32), _jit(rng, (0.93, 0.78, 0.62)))
+    for ex in (-3.2, 3.2):
+        _paint(img, _circle(x, y, cx + ex * s, cy - 2 * s, 1.2 * s), (0.15, 0.1, 0.05))
+    _paint(img, _line(x, y, cx - 2.5 * s, cy + 5 * s, cx + 2.5 * s, cy + 5 * s, 1.0), (0.55, 0.25, 0.2))
+
+
 def _draw_object(img, kind, style, x, y, rng):
+    """Object `kind` (0 = the generic block) in `style` (0 = plain)."""
     cx, cy = SIZE / 2 + rng.uniform(-2, 2), SIZE / 2 + rng.uniform(-2, 2)
     mask = _object_mask(kind, x, y, cx, cy, rng.uniform(0.9, 1.15))
     if style == 0:  # plain
@@ -213,7 +244,9 @@ def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     n = SIZE * SUPER
     x, y = _grid(n)
     img = np.zeros((n, n, 3), dtype=np.float32)
-    if scene.identity:
+    if scene.person:
+        _draw_person(img, x, y, rng)
+    elif scene.identity:
         _draw_identity(img, scene.identity, x, y, rng)
     else:
         _draw_object(img, scene.object, scene.style, x, y, rng)
@@ -234,3 +267,11 @@ def dataset(n: int, seed: int):
     chosen = [scenes[i] for i in picks]
     images = np.stack([render(s, rng) for s in chosen])
     return images, np.array([labels(s) for s in chosen], dtype=np.int64), chosen
+
+
+def images_of(concept: str, count: int, seed: int) -> np.ndarray:
+    """`count` rendered images (N, H, W, 3) showing `concept`, cycling over its scenes:
+    the pictures a user would give Forget Train or Concept Inversion."""
+    rng = np.random.default_rng(seed)
+    scenes = scenes_for(concept)
+    return np.stack([render(scenes[i % len(scenes)], rng) for i in range(count)])
