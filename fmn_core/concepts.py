@@ -1,13 +1,14 @@
 """Concepts to forget: parsing the node's one-per-line text and the prompt templates.
 
 A line is `concept`, optionally followed by `| category` (a registered category or a
-custom template containing `{}`), optionally followed by `| images=A-B` (which images of
-the batch show this concept; default: all). Examples:
+custom template containing `{}`), `| images=A-B` (which images of the batch show this
+concept; default: all) and `| anchor=TEXT` (what the concept's prompts should turn into;
+default: the category's anchor). Examples:
 
     Van Gogh | style
     a red fox
     embedding:my_cat | identity | images=0-3
-    Mickey Mouse | a cartoon of {} waving
+    Mickey Mouse | a cartoon of {} waving | anchor=a mouse
 """
 from __future__ import annotations
 
@@ -20,7 +21,13 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "identity": ("a photo of {}", "a portrait of {}", "{} smiling", "a picture of {} in a crowd", "a close-up of {}'s face"),
 }
 
+# What a forgotten concept falls back to: someone, something, or (styles, custom
+# templates) the prompt without it. A generic word keeps the sentence whole; a plain gap
+# lets the model fill it with whatever the rest of the prompt suggests.
+ANCHORS: dict[str, str] = {"object": "an object", "identity": "a person", "style": "", "custom": ""}
+
 _IMAGES = re.compile(r"^images\s*=\s*(\d+)\s*(?:-\s*(\d+))?$")
+_ANCHOR = re.compile(r"^anchor\s*=(.*)$")
 
 
 @dataclass(frozen=True)
@@ -29,9 +36,14 @@ class Concept:
     category: str
     templates: tuple[str, ...]
     images: tuple[int, int] | None = None  # inclusive index range into the image batch
+    anchor: str = ""  # what the concept's prompts should turn into ("" = leave it out)
 
     def prompts(self) -> list[str]:
         return [t.format(self.text) for t in self.templates]
+
+    def anchor_prompts(self) -> list[str]:
+        """The same prompts with the anchor in the concept's place: what forgetting should look like."""
+        return [" ".join(t.format(self.anchor).split()) for t in self.templates]
 
 
 def _templates_for(field: str, line: str) -> tuple[str, tuple[str, ...]]:
@@ -56,10 +68,15 @@ def parse_concepts(text: str) -> list[Concept]:
         if not fields[0]:
             raise ValueError(f"concept line {line!r} has no concept before '|'")
         category, templates = "object", TEMPLATES["object"]
-        images = None
+        images, anchor = None, None
         for field in fields[1:]:
             match = _IMAGES.match(field)
-            if match:
+            named_anchor = _ANCHOR.match(field)
+            if named_anchor:
+                anchor = " ".join(named_anchor.group(1).split())
+                if anchor.lower() == fields[0].lower():
+                    raise ValueError(f"the anchor of {line!r} is the concept itself: give a different anchor, or none")
+            elif match:
                 start = int(match.group(1))
                 end = int(match.group(2)) if match.group(2) else start
                 if end < start:
@@ -67,7 +84,7 @@ def parse_concepts(text: str) -> list[Concept]:
                 images = (start, end)
             else:
                 category, templates = _templates_for(field, line)
-        concepts.append(Concept(fields[0], category, templates, images))
+        concepts.append(Concept(fields[0], category, templates, images, ANCHORS[category] if anchor is None else anchor))
     if not concepts:
         raise ValueError("no concepts given: write one concept per line, e.g. 'Van Gogh | style'")
     return concepts

@@ -13,17 +13,24 @@ architectures (SD1.5 heads are 40-160 wide, SD2 heads 64).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 
+FULL_RANK = "full"  # the fmn.rank of a patch of whole-matrix (dense) updates
+
 
 class LowRankDelta(torch.nn.Module):
-    def __init__(self, up: torch.Tensor, down: torch.Tensor, train_down: bool, scale: float):
+    def __init__(self, up: torch.Tensor, down: torch.Tensor | None, train_down: bool, scale: float):
         super().__init__()
         self.scale = scale
+        self.enabled = True  # off: the host sees the original weight (teacher passes)
         self.up = torch.nn.Parameter(up)
-        if train_down:
+        if down is None:  # dense: `up` is the whole update
+            self.down = None
+        elif train_down:
             self.down = torch.nn.Parameter(down)
         else:
             self.register_buffer("down", down)
@@ -39,16 +46,26 @@ class LowRankDelta(torch.nn.Module):
         down = torch.randn(rank, in_features, generator=generator) / math.sqrt(in_features)
         return cls(torch.zeros(out_features, rank), down, True, scale)
 
+    @classmethod
+    def dense(cls, out_features: int, in_features: int) -> "LowRankDelta":
+        """A full-weight update (the reference recipe trains whole matrices): `up` is the
+        update itself, so the paper's learning rates mean what they meant there."""
+        return cls(torch.zeros(out_features, in_features), None, False, 1.0)
+
     def delta(self) -> torch.Tensor:
+        if self.down is None:
+            return self.up * self.scale
         return (self.up * self.scale) @ self.down
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
         return weight + self.delta().to(device=weight.device, dtype=weight.dtype)
 
     def move_to(self, device: torch.device) -> int:
         """Called by the host when it moves weight functions with the model."""
         self.to(device)
-        return sum(t.numel() * t.element_size() for t in (self.up, self.down))
+        return sum(t.numel() * t.element_size() for t in (self.up, self.down) if t is not None)
 
 
 def kohya_name(weight_key: str) -> str:
@@ -57,13 +74,33 @@ def kohya_name(weight_key: str) -> str:
     return "lora_unet_" + module.replace(".", "_")
 
 
+@contextlib.contextmanager
+def disabled(deltas: dict[str, LowRankDelta]) -> Iterator[None]:
+    """Run the original model (the frozen teacher) without a second copy of it."""
+    for d in deltas.values():
+        d.enabled = False
+    try:
+        yield
+    finally:
+        for d in deltas.values():
+            d.enabled = True
+
+
+def _factors(delta: LowRankDelta) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) with up @ down = the update; a dense update is factored exactly by SVD."""
+    up = delta.up.detach().cpu().float() * delta.scale
+    if delta.down is None:
+        u, s, vh = torch.linalg.svd(up, full_matrices=False)
+        return u * s, vh
+    return up, delta.down.detach().cpu().float()
+
+
 def export_kohya(deltas: dict[str, LowRankDelta], dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """The trained deltas as a kohya LoRA state dict (alpha = rank, so the scale is 1)."""
     out: dict[str, torch.Tensor] = {}
     for key, delta in deltas.items():
         name = kohya_name(key)
-        up = delta.up.detach().cpu() * delta.scale
-        down = delta.down.detach().cpu()
+        up, down = _factors(delta)
         out[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
         out[f"{name}.lora_down.weight"] = down.to(dtype).contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(up.shape[1]))

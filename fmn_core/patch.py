@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from . import host
 from .files import atomic_write
+from .lora import FULL_RANK
 
 SUFFIXES = (".lora_up.weight", ".lora_down.weight", ".alpha")
 ALLOWED_DTYPES = {"F16", "F32", "BF16"}
@@ -143,7 +144,7 @@ def compatibility_problems(patch: ForgetPatch, patcher) -> list[str]:
         want = shapes[target]
         if (up.shape[0], down.shape[1]) != tuple(want[:2]):
             problems.append(f"{module}: patch delta {up.shape[0]}x{down.shape[1]} vs model weight {want[0]}x{want[1]}")
-        if declared is not None and str(up.shape[1]) != declared:
+        if declared not in (None, FULL_RANK) and str(up.shape[1]) != declared:
             problems.append(f"{module}: rank {up.shape[1]} vs the patch's declared rank {declared}")
     return problems
 
@@ -155,5 +156,6 @@ def apply_patch(patcher, patch: ForgetPatch, strength: float):
         raise ValueError(f"strength must be in [{low}, {high}], got {strength}")
     problems = compatibility_problems(patch, patcher)
     if problems:
-        raise ValueError("forget patch does not fit this model: " + "; ".join(problems))
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise ValueError("forget patch does not fit this model: " + "; ".join(problems[:5]) + more)
     return host.apply_lora(patcher, patch.lora, strength)

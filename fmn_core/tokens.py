@@ -78,3 +78,33 @@ def column_mask(positions: list[int], length: int) -> torch.Tensor:
     if positions:
         mask[torch.tensor(positions)] = 1.0
     return mask
+
+
+def anchor_alignment(
+    chunks: list[list[Token]], anchor_chunks: list[list[Token]], positions: list[int], anchor_length: int,
+) -> list[tuple[int, int]]:
+    """Pairs (prompt position, anchor position) of the tokens after the concept, where the
+    anchor prompt is the same prompt with each occurrence of the concept replaced by
+    `anchor_length` tokens (0: left out).
+
+    A causal text encoder copies the concept into every later token; the difference between
+    such a token's context and its anchor twin is that copy. The walk stops at the first
+    token that does not line up (BPE can merge differently around the gap), and prompts
+    that do not have the same number of chunks as their anchor give no pairs.
+    """
+    if not positions or len(chunks) != len(anchor_chunks):
+        return []
+    tokens = [t for chunk in chunks for t in chunk]
+    anchor = [t for chunk in anchor_chunks for t in chunk]
+    concept = set(positions)
+    pairs, j = [], 0
+    for i, token in enumerate(tokens):
+        if i in concept:
+            j += anchor_length if i - 1 not in concept else 0
+            continue
+        if j >= len(anchor) or not _same(token, anchor[j]):
+            break
+        if i > positions[0]:
+            pairs.append((i, j))
+        j += 1
+    return pairs

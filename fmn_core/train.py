@@ -6,6 +6,13 @@ the loss ||attention on the concept's token columns||_2 over all layers and head
 minimised by AdamW on low-rank updates of the attn2 projections. Unlike the reference,
 gradient clipping really clips, batch masks follow the host's head order, and by default
 the update is aimed (see `aim.py`) so other words keep their attention.
+
+Beyond the paper, an output term (weight `output_weight`, 0 = the paper's loss alone):
+the concept's prompt should denoise as the same prompt without the concept does in the
+original model. Attention alone cannot finish the job: a causal text encoder copies the
+concept into every later token, and a model reads a concept from a few percent of the
+attention (ToyBench measures both). The original model is the teacher, run by switching
+the deltas off, so no second copy of the UNet is held.
 """
 from __future__ import annotations
 
@@ -21,8 +28,8 @@ import torch
 from . import aim, host
 from .attention import ColumnEnergy, make_attn2_replace
 from .concepts import Concept, preserve_prompts
-from .lora import LowRankDelta, export_kohya
-from .tokens import SpecialTokens, column_mask, concept_positions, content_tokens
+from .lora import FULL_RANK, LowRankDelta, disabled, export_kohya
+from .tokens import SpecialTokens, anchor_alignment, column_mask, concept_positions, content_tokens
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +39,7 @@ class TrainMode:
     projections: tuple[str, ...]
     aimed: bool
     description: str
+    dense: bool = False  # whole-matrix updates (the reference recipe), not low-rank
 
 
 MODES: dict[str, TrainMode] = {
@@ -39,18 +47,21 @@ MODES: dict[str, TrainMode] = {
     "aimed k": TrainMode(("to_k",), True, "LoRA on attn2 to_k only, aimed"),
     "k/v": TrainMode(("to_k", "to_v"), False, "ordinary LoRA on attn2 to_k/to_v"),
     "all attn2": TrainMode(("to_q", "to_k", "to_v", "to_out.0"), False, "ordinary LoRA on every attn2 projection"),
+    "reference": TrainMode(("to_q", "to_k", "to_v", "to_out.0"), False,
+                           "the paper's recipe: every attn2 weight trained whole (large patch; use its lr ~1e-5)", dense=True),
 }
 
 
 @dataclass
 class ForgetConfig:
-    steps: int = 35                # the paper's step count
-    learning_rate: float = 1e-2    # AdamW on the (head-scaled) low-rank factors
-    rank: int = 2                  # directions (aimed) or LoRA rank per concept
+    steps: int = 100               # the paper uses 35; ToyBench erases fully at 100 (bench/quality.json)
+    learning_rate: float = 1e-1    # AdamW on the (head-scaled) low-rank factors
+    rank: int = 4                  # directions (aimed; plus rank // 2 for copies) or LoRA rank per concept
     seed: int = 0
     mode: str = "aimed k/v"        # a key of MODES
     batch_size: int = 1
     include_end_token: bool = False
+    output_weight: float = 10.0    # the output term (module docstring); 0 = the paper's loss
     max_grad_norm: float = 1.0     # really applied, every step
     weight_decay: float = 0.01
     resolution: int = 512          # pixel size of pure-noise latents when no image is given
@@ -67,17 +78,23 @@ class ForgetConfig:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}: use one of {', '.join(MODES)}")
+        if self.output_weight < 0:
+            raise ValueError(f"output_weight must be 0 or more, got {self.output_weight}")
         if self.resolution < 8 or self.resolution % 8:
             raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
 
 
 @dataclass
 class Example:
-    """One training prompt: its context (1, T, D) and the concept's column mask (T,)."""
+    """One training prompt: its context (1, T, D), the concept's column mask (T,), the
+    anchor context (1, T', D) of the same prompt without the concept, and the copies of
+    the concept in later tokens (rows of context minus their anchor twins, (N, D))."""
 
     concept: int
     context: torch.Tensor
     mask: torch.Tensor
+    anchor: torch.Tensor
+    copies: torch.Tensor
 
 
 @dataclass
@@ -95,14 +112,19 @@ def build_examples(clip, concepts: list[Concept], include_end: bool) -> list[Exa
         needle = content_tokens(host.tokenize(clip, concept.text), special)
         if not needle:
             raise ValueError(f"concept {concept.text!r} tokenizes to nothing usable: give words or embedding:NAME")
-        for prompt in concept.prompts():
+        anchor_length = len(content_tokens(host.tokenize(clip, concept.anchor), special))
+        for prompt, anchor in zip(concept.prompts(), concept.anchor_prompts()):
             chunks = host.tokenize(clip, prompt)
             positions = concept_positions(chunks, needle, special, include_end)
             if not positions:
                 raise ValueError(f"concept {concept.text!r} was not found in its prompt {prompt!r} after tokenizing")
-            context = host.encode(clip, prompt)
+            context, anchor_context = host.encode(clip, prompt), host.encode(clip, anchor)
             mask = column_mask(positions, context.shape[1])
-            examples.append(Example(index, context, mask))
+            exact = concept_positions(chunks, needle, special, False)
+            pairs = anchor_alignment(chunks, host.tokenize(clip, anchor), exact, anchor_length)
+            rows, twins = [i for i, _ in pairs], [j for _, j in pairs]
+            copies = context[0, rows] - anchor_context[0, twins]
+            examples.append(Example(index, context, mask, anchor_context, copies))
     return examples
 
 
@@ -124,17 +146,27 @@ def preserve_moment(clip) -> aim.SecondMoment:
 
 
 def concept_basis(clip, examples: list[Example], n_concepts: int, rank: int) -> torch.Tensor:
-    """Directions each concept's tokens use and ordinary prompts (and the rest of the
-    training prompts: start, template words, padding) avoid; `rank` per concept."""
+    """Directions each concept's tokens use and ordinary prompts (and the training prompts
+    without the concept) avoid: `rank` per concept, plus `copy_rank(rank)` for the copies
+    of the concept in later tokens, which attention re-steering cannot reach."""
     own = aim.SecondMoment(examples[0].context.shape[-1])
     for e in examples:
-        own.add(e.context[0][e.mask == 0])
+        own.add(e.anchor[0])
     preserve = preserve_moment(clip).merged(own)
     bases = []
     for c in range(n_concepts):
-        rows = torch.cat([e.context[0][e.mask > 0] for e in examples if e.concept == c])
+        mine = [e for e in examples if e.concept == c]
+        rows = torch.cat([e.context[0][e.mask > 0] for e in mine])
         bases.append(aim.concept_directions(rows, preserve, min(rank, rows.shape[0])))
+        copies = torch.cat([e.copies for e in mine])
+        if copy_rank(rank) and copies.shape[0]:
+            bases.append(aim.concept_directions(copies, preserve, min(copy_rank(rank), copies.shape[0])))
     return aim.combine_bases(bases)
+
+
+def copy_rank(rank: int) -> int:
+    """Directions spent on the concept's copies in later tokens, beside its own `rank`."""
+    return rank // 2
 
 
 def build_deltas(patcher, layers: list[host.Attn2Layer], mode: TrainMode, rank: int, basis: torch.Tensor | None,
@@ -144,7 +176,9 @@ def build_deltas(patcher, layers: list[host.Attn2Layer], mode: TrainMode, rank: 
         keys = [layer.weight_key(p) for p in mode.projections]
         scale = layer.dim_head ** -0.5
         for key, (out_features, in_features) in host.weight_shapes(patcher, keys).items():
-            if basis is not None:
+            if mode.dense:
+                deltas[key] = LowRankDelta.dense(out_features, in_features)
+            elif basis is not None:
                 deltas[key] = LowRankDelta.aimed(out_features, basis, scale)
             else:
                 deltas[key] = LowRankDelta.free(out_features, in_features, rank, scale, generator)
@@ -196,9 +230,10 @@ def latents_for_concepts(patcher, concepts: list[Concept], images=None, vae=None
 
 
 def _group_by_length(items: list[tuple]) -> list[list[tuple]]:
-    groups: dict[int, list[tuple]] = defaultdict(list)
+    """Samples whose context and anchor lengths agree, so each group stacks into one batch."""
+    groups: dict[tuple[int, int], list[tuple]] = defaultdict(list)
     for item in items:
-        groups[item[1].shape[1]].append(item)
+        groups[item[1].shape[1], item[2].shape[1]].append(item)
     return list(groups.values())
 
 
@@ -210,8 +245,8 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
     generator = torch.Generator().manual_seed(config.seed)
     layers = host.attn2_layers(patcher)
     examples = build_examples(clip, concepts, config.include_end_token)
-    rank = config.rank * len(concepts) if mode.aimed else config.rank
     basis = concept_basis(clip, examples, len(concepts), config.rank) if mode.aimed else None
+    rank = basis.shape[1] if mode.aimed else config.rank
     device = host.device()
     channels = patcher.model.diffusion_model.in_channels
     size = config.resolution // 8
@@ -233,7 +268,7 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
             for step in range(config.steps):
                 batch = [_draw(examples, source, sampling, generator, step * config.batch_size + b) for b in range(config.batch_size)]
                 with autocast:
-                    loss = _resteering_loss(unet, sink, batch, device)
+                    loss = _step_loss(unet, sink, batch, deltas, config.output_weight, device)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -252,22 +287,38 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
     return ForgetResult(lora, metadata, losses)
 
 
-def _resteering_loss(unet, sink: ColumnEnergy, batch: list[tuple], device: torch.device) -> torch.Tensor:
-    """||target columns||_2 over every layer and head of the whole batch.
+def _step_loss(unet, sink: ColumnEnergy, batch: list[tuple], deltas: dict[str, LowRankDelta],
+               output_weight: float, device: torch.device) -> torch.Tensor:
+    """||target columns||_2 over every layer and head of the whole batch, plus
+    `output_weight` times the mean squared difference between the patched model's noise
+    prediction for the concept's prompt and the original model's for the anchor prompt.
 
     Samples whose contexts differ in length run as separate forwards; summing squares
     across them keeps the norm exactly that of the concatenated batch.
     """
     sink.reset(None)
+    output_sq = torch.zeros((), device=device)
+    count = 0
     for group in _group_by_length(batch):
-        x, context, mask, sigma = (torch.cat([g[i] for g in group]).to(device) for i in range(4))
+        x, context, anchor, mask, sigma = (torch.cat([g[i] for g in group]).to(device) for i in range(5))
+        if output_weight:
+            with torch.no_grad(), disabled(deltas):
+                sink.mask = torch.zeros(anchor.shape[:2], device=device)
+                teacher = unet(x, sigma, anchor)
         sink.mask = mask
-        unet(x, sigma, context)
-    return sink.sum_squares.sqrt()
+        student = unet(x, sigma, context)
+        if output_weight:
+            scale = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+            output_sq = output_sq + ((student - teacher) / scale).float().pow(2).sum()
+            count += student.numel()
+    loss = sink.sum_squares.sqrt()
+    if output_weight:
+        loss = loss + output_weight * output_sq / count
+    return loss
 
 
 def _draw(examples: list[Example], source: LatentSource, sampling, generator: torch.Generator, index: int) -> tuple:
-    """One sample: (noisy latent, context, mask, sigma), concepts taken in turn."""
+    """One sample: (noisy latent, context, anchor, mask, sigma), concepts taken in turn."""
     concepts = sorted({e.concept for e in examples})
     concept = concepts[index % len(concepts)]
     pool = [e for e in examples if e.concept == concept]
@@ -277,7 +328,7 @@ def _draw(examples: list[Example], source: LatentSource, sampling, generator: to
     t = torch.randint(0, 1000, (1,), generator=generator)
     sigma = sampling.sigma(t.float()).cpu()
     x = sampling.noise_scaling(sigma, noise, latent)
-    return x, example.context, example.mask[None], sigma
+    return x, example.context, example.anchor, example.mask[None], sigma
 
 
 def _check_finite(step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
@@ -304,11 +355,13 @@ def describe(patcher, layers, concepts: list[Concept], config: ForgetConfig, ran
         "fmn.pack_version": __version__,
         "fmn.concepts": json.dumps([c.text for c in concepts]),
         "fmn.categories": json.dumps([c.category for c in concepts]),
+        "fmn.anchors": json.dumps([c.anchor for c in concepts]),
         "fmn.base_arch": host.model_arch(patcher),
         "fmn.base_fingerprint": host.model_fingerprint(patcher, layers),
         "fmn.context_dim": str(layers[0].context_dim),
         "fmn.mode": config.mode,
-        "fmn.rank": str(rank),
+        "fmn.output_weight": repr(config.output_weight),
+        "fmn.rank": FULL_RANK if MODES[config.mode].dense else str(rank),
         "fmn.steps": str(config.steps),
         "fmn.learning_rate": repr(config.learning_rate),
         "fmn.seed": str(config.seed),

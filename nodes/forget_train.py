@@ -19,8 +19,9 @@ MODE_TOOLTIP = "Which weights train. " + "; ".join(f"'{name}': {mode.description
 class ForgetTrain:
     CATEGORY = "Forget-Me-Not"
     DESCRIPTION = ("Makes the model forget the given concepts by lowering the cross-attention their words "
-                   "receive (Forget-Me-Not attention re-steering). Outputs the patched model and a small "
-                   "patch that can be saved, shared and stacked like a LoRA.")
+                   "receive (Forget-Me-Not attention re-steering) and by making their prompts denoise like the "
+                   "same prompts with an anchor ('a person', 'an object', or nothing) in their place. Outputs the "
+                   "patched model and a small patch that can be saved, shared and stacked like a LoRA.")
     RETURN_TYPES = ("MODEL", "FORGET_PATCH")
     RETURN_NAMES = ("model", "patch")
     OUTPUT_TOOLTIPS = ("The input model with the forget patch applied (the input itself is unchanged).",
@@ -55,6 +56,9 @@ class ForgetTrain:
                                        "tooltip": "Pixel size of the noise latents used when no images are given."}),
                 "bf16": ("BOOLEAN", {"default": DEFAULTS.bf16,
                                      "tooltip": "Train under bf16 autocast on a CUDA GPU: faster and lighter. Ignored on CPU."}),
+                "output_weight": ("FLOAT", {"default": DEFAULTS.output_weight, "min": 0.0, "max": 1000.0, "step": 0.5,
+                                            "tooltip": "Weight of the output term: the concept's prompts should denoise like the same "
+                                                       "prompts without the concept. 0 = the paper's attention loss alone."}),
             },
         }
 
@@ -69,11 +73,11 @@ class ForgetTrain:
 
     def train(self, model, clip, concepts, steps, learning_rate, rank, seed, images=None, vae=None, latent=None,
               mode=DEFAULTS.mode, include_end_token=DEFAULTS.include_end_token, batch_size=DEFAULTS.batch_size,
-              resolution=DEFAULTS.resolution, bf16=DEFAULTS.bf16):
+              resolution=DEFAULTS.resolution, bf16=DEFAULTS.bf16, output_weight=DEFAULTS.output_weight):
         parsed = parse_concepts(concepts)
         config = ForgetConfig(steps=steps, learning_rate=learning_rate, rank=rank, seed=seed, mode=mode,
                               batch_size=batch_size, include_end_token=include_end_token, resolution=resolution,
-                              bf16=bf16)
+                              bf16=bf16, output_weight=output_weight)
         latents = latents_for_concepts(model, parsed, images=images, vae=vae, latent=latent)
         result = forget(model, clip, parsed, config, latents, progress=host.Progress(steps))
         patch = ForgetPatch(result.lora, result.metadata)

@@ -12,8 +12,13 @@ from fmn_pack.fmn_core.train import ForgetConfig, forget
 CONCEPT = "van gogh"
 
 
+# The attention-level checks run at the paper's budget with its loss alone: they check where
+# an update acts (the aim), not how far it goes; ToyBench measures the pack's defaults.
+PAPER_BUDGET = {"steps": 35, "learning_rate": 1e-2, "rank": 2, "output_weight": 0.0}
+
+
 def train(model, clip, mode="aimed k/v", **overrides):
-    config = ForgetConfig(resolution=RESOLUTION, mode=mode, **overrides)
+    config = ForgetConfig(resolution=RESOLUTION, mode=mode, **{**PAPER_BUDGET, **overrides})
     return forget(model, clip, parse_concepts(f"{CONCEPT} | style"), config)
 
 
@@ -99,3 +104,13 @@ def test_trains_a_model_loaded_under_inference_mode(sd1):
     assert all(p.is_inference() for p in model.model.diffusion_model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
     assert torch.isfinite(torch.tensor(result.losses)).all()
+
+
+def test_anchors_default_by_category_and_can_be_named():
+    zorb, star, neon, custom, named = parse_concepts(
+        "Captain Zorb | identity\nstar\nneon | style\nMickey | a cartoon of {} waving\nVan Gogh | style | anchor=a painter")
+    assert zorb.anchor_prompts()[:2] == ["a photo of a person", "a portrait of a person"]
+    assert star.anchor_prompts()[0] == "a photo of an object"
+    assert neon.anchor_prompts()[0] == "a painting in the style of"
+    assert custom.anchor_prompts() == ["a cartoon of waving"]
+    assert named.anchor_prompts()[1] == "an artwork by a painter"

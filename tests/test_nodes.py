@@ -97,6 +97,7 @@ def test_training_from_latents_per_concept(sd1):
     ("  \n# only a comment\n", "no concepts given"),
     ("van gogh | painterly", "unknown category 'painterly'"),
     ("| style", "has no concept"),
+    ("Van Gogh | style | anchor=van gogh", "is the concept itself"),
 ])
 def test_concept_list_validation(text, message):
     assert message in TRAIN.VALIDATE_INPUTS(concepts=text)

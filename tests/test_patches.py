@@ -44,7 +44,7 @@ def test_file_is_kohya_lora_with_metadata_and_no_embeddings(sd1, patch, tmp_path
     meta = loaded.metadata
     assert json.loads(meta["fmn.concepts"]) == ["van gogh"] and json.loads(meta["fmn.categories"]) == ["style"]
     assert meta["fmn.base_arch"] == "SD15" and len(meta["fmn.base_fingerprint"]) == 16
-    assert meta["fmn.rank"] == "2" and meta["fmn.steps"] == "4" and meta["fmn.learning_rate"] and meta["fmn.pack_version"]
+    assert meta["fmn.rank"] == "6" and meta["fmn.steps"] == "4" and meta["fmn.learning_rate"] and meta["fmn.pack_version"]
     assert all(t.ndim == 2 or t.numel() == 1 for t in loaded.lora.values())
     assert all(torch.equal(loaded.lora[k], patch.lora[k]) for k in patch.lora)
 
@@ -87,7 +87,7 @@ def test_patch_for_another_architecture_is_refused(sd1):
 def test_rank_mismatch_is_listed(sd1, patch):
     model, _ = sd1
     tampered = ForgetPatch(dict(patch.lora), {**patch.metadata, "fmn.rank": "3"})
-    with pytest.raises(ValueError, match="rank 2 vs the patch's declared rank 3"):
+    with pytest.raises(ValueError, match="rank 6 vs the patch's declared rank 3; .*; and 27 more"):
         apply_patch(model, tampered, 1.0)
     key = next(k for k in patch.lora if k.endswith("lora_down.weight"))
     broken = ForgetPatch({**patch.lora, key: torch.zeros(3, 768, dtype=torch.float16)}, patch.metadata)

@@ -32,7 +32,7 @@ NODE_CONTRACT = {
         {"model": "MODEL", "clip": "CLIP", "concepts": "STRING", "steps": "INT", "learning_rate": "FLOAT",
          "rank": "INT", "seed": "INT"},
         {"images": "IMAGE", "vae": "VAE", "latent": "LATENT", "mode": "COMBO", "include_end_token": "BOOLEAN",
-         "batch_size": "INT", "resolution": "INT", "bf16": "BOOLEAN"},
+         "batch_size": "INT", "resolution": "INT", "bf16": "BOOLEAN", "output_weight": "FLOAT"},
         ["MODEL", "FORGET_PATCH"], False),
     "FMN_ApplyForgetPatch": ({"model": "MODEL", "patch": "FORGET_PATCH", "strength": "FLOAT"}, {}, ["MODEL"], False),
     "FMN_LoadForgetPatch": ({"patch_name": "COMBO"}, {}, ["FORGET_PATCH"], False),

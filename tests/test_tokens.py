@@ -5,7 +5,7 @@ from safetensors.torch import save_file
 
 import host_models as hm
 from fmn_pack.fmn_core import host
-from fmn_pack.fmn_core.tokens import SpecialTokens, concept_positions, content_tokens
+from fmn_pack.fmn_core.tokens import SpecialTokens, anchor_alignment, concept_positions, content_tokens
 
 
 def locate(clip, prompt, concept, include_end=False):
@@ -65,3 +65,27 @@ def test_embedding_concept(tmp_path):
 def test_concept_that_tokenizes_to_nothing(clip1):
     with pytest.raises(ValueError, match="tokenizes to nothing"):
         locate(clip1, "a photo of", "   ")
+
+
+@pytest.mark.parametrize("which", ["clip1", "clip2"])
+def test_anchor_alignment_pairs_the_tokens_after_the_concept(which, request):
+    """"a van gogh in the rain" vs its anchor "a in the rain": every later token (and the
+    padding) pairs with its twin two places earlier; the tokens before the concept pair
+    with nothing, because they cannot carry it."""
+    clip = request.getfixturevalue(which)
+    chunks, anchor = host.tokenize(clip, "a van gogh in the rain"), host.tokenize(clip, "a in the rain")
+    positions = locate(clip, "a van gogh in the rain", "van gogh")
+    assert positions == [2, 3]
+    pairs = anchor_alignment(chunks, anchor, positions, 0)
+    assert pairs[:4] == [(4, 2), (5, 3), (6, 4), (7, 5)]  # in, the, rain, end
+    assert pairs[-1] == (76, 74) and len(pairs) == 73
+    assert all(chunks[0][i] == anchor[0][j] for i, j in pairs)
+    replaced = host.tokenize(clip, "a painter in the rain")  # one token in the concept's place
+    assert anchor_alignment(chunks, replaced, positions, 1)[:2] == [(4, 3), (5, 4)]
+
+
+def test_anchor_alignment_stops_where_tokens_disagree(clip1):
+    chunks = host.tokenize(clip1, "a van gogh in the rain")
+    other = host.tokenize(clip1, "a in the snow")
+    assert anchor_alignment(chunks, other, [2, 3], 0) == [(4, 2), (5, 3)]
+    assert anchor_alignment(chunks, other, [], 0) == []
