@@ -5,7 +5,7 @@ HOST    := .host/ComfyUI
 PORT    ?= 8188
 STAMP   := .venv/.fmn-deps-ok
 
-.PHONY: setup test demo serve bench clean
+.PHONY: setup test demo serve bench bench-quality clean
 
 setup: $(STAMP) $(HOST)/main.py
 
@@ -23,6 +23,9 @@ serve: setup
 
 bench: setup
 	$(PY) scripts/bench.py
+
+bench-quality: setup
+	$(PY) scripts/bench_quality.py
 
 clean:
 	rm -rf .venv .host .cache out

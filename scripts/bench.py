@@ -247,7 +247,7 @@ def bench_train_vs_sample(pack, cfg: dict) -> tuple[dict, list]:
         "value": r4(med(col("ratio"))),
         "clock": TIMER["name"],
         "what": (f"one Forget Train step (UNet forward with the attn2 hooks + backward + AdamW + grad clip, "
-                 f"mode 'aimed k/v', rank 2, batch 1) over one plain sampling step (one UNet forward via "
+                 f"default settings: mode 'aimed k/v' with its output term, batch 1) over one plain sampling step (one UNet forward via "
                  f"model.apply_model under inference_mode, batch 1, conditional only, no CFG), both on the "
                  f"small SD1.5-layout model of tests/host_models.py at {res} px ({size}x{size} latent)"),
         "method": (f"per step = (time of forget() with {n2} steps - with {n1} steps) / {n2 - n1}, so prompt "
@@ -375,12 +375,12 @@ def bench_patch_bytes(pack, cfg: dict, trained: list) -> dict:
     from fmn_pack.fmn_core import host
     from fmn_pack.fmn_core.concepts import parse_concepts
     from fmn_pack.fmn_core.patch import ForgetPatch, compatibility_problems, load_patch, save_patch
-    from fmn_pack.fmn_core.train import MODES, ForgetConfig, build_deltas, build_examples, concept_basis, describe
+    from fmn_pack.fmn_core.train import MODES, ForgetConfig, build_deltas, build_examples, concept_basis, copy_rank, describe
     from fmn_pack.fmn_core.lora import export_kohya
 
     defaults = ForgetConfig()
     mode = MODES[defaults.mode]
-    reference = trained[0]  # a real default-step (35) run on the small model, concept 0
+    reference = trained[0]  # a real default-step run on the small model, concept 0
     concept = parse_concepts(CONCEPT_LINES[0])[0]
     if json.loads(reference.metadata["fmn.concepts"]) != [concept.text] or len(reference.losses) != defaults.steps:
         raise RuntimeError("figure 3 expects figure 1's first long run to be a default-step run of concept 0")
@@ -389,7 +389,8 @@ def bench_patch_bytes(pack, cfg: dict, trained: list) -> dict:
     layers = host.attn2_layers(full)
     clip = host_models.sd1_clip(seed=1)  # 768-d context with the real tokenizer, like CLIP-L
     examples = build_examples(clip, [concept], defaults.include_end_token)
-    ranks = (1, 2, 4)
+    default_directions = defaults.rank + copy_rank(defaults.rank)
+    ranks = tuple(sorted({1, 2, 4, default_directions}))  # directions per concept (the patch's rank)
     basis_max = concept_basis(clip, examples, 1, max(ranks))
     g = torch.Generator().manual_seed(0)
 
@@ -398,7 +399,7 @@ def bench_patch_bytes(pack, cfg: dict, trained: list) -> dict:
         small_path = save_patch(ForgetPatch(reference.lora, reference.metadata), Path(tmp) / "small_engine_run.safetensors")
         small_bytes = small_path.stat().st_size
         for rank in ranks:
-            # QR is prefix-consistent: the first r columns span exactly what concept_basis(rank=r) spans.
+            # the size depends only on the number of directions, so the first r columns stand in
             basis = basis_max[:, :rank].contiguous()
             deltas = build_deltas(full, layers, mode, rank, basis, g)
             with torch.no_grad():
@@ -426,13 +427,14 @@ def bench_patch_bytes(pack, cfg: dict, trained: list) -> dict:
             }
 
     inner = sorted({tuple(v.shape) for k, v in lora.items() if k.endswith("lora_up.weight")})
-    default = per_rank[str(defaults.rank)]
+    default = per_rank[str(default_directions)]
     print(f"  [3] patch bytes per concept (SD1.5 shapes): "
           + ", ".join(f"rank {r}: {v['bytes']:,}" for r, v in per_rank.items())
           + f"; target < {PATCH_SIZE_TARGET_BYTES:,}", flush=True)
     return {
         "value": default["bytes"],
         "rank": defaults.rank,
+        "directions": default_directions,
         "target_bytes": PATCH_SIZE_TARGET_BYTES,
         "under_target": default["bytes"] < PATCH_SIZE_TARGET_BYTES,
         "under_200_kib": default["bytes"] < 200 * 1024,
@@ -443,7 +445,7 @@ def bench_patch_bytes(pack, cfg: dict, trained: list) -> dict:
                 "basis from fmn_core.train.concept_basis (real CLIP tokenizer, 768-d context); up factors filled "
                 "with random values (fp16 storage, so the size does not depend on them); exported with "
                 "fmn_core.lora.export_kohya and written with fmn_core.patch.save_patch with metadata from "
-                "fmn_core.train.describe, whose loss history is that of a real default-step (35) engine run "
+                "fmn_core.train.describe, whose loss history is that of a real default-step engine run "
                 "(figure 1); each file is read back with load_patch and checked with compatibility_problems "
                 "against the SD1.5 UNet"),
         "layout": {"layers": len(layers), "projections": list(mode.projections), "context_dim": layers[0].context_dim,
@@ -478,7 +480,7 @@ def bench_full_size(pack, cfg: dict, smoke: bool = False) -> dict:
         start = clock()
         patcher, clip = full_sd15_patcher(seed=0), full_sd1_clip(seed=1)
         build_s = clock() - start
-        config = ForgetConfig()  # the defaults: 35 steps, 512 px, rank 2, aimed k/v
+        config = ForgetConfig()  # the defaults
         reps = cfg["reps_full"]
     concept = parse_concepts(CONCEPT_LINES[0])[0]
     forget(patcher, clip, [concept], ForgetConfig(steps=2, resolution=config.resolution))  # warm-up

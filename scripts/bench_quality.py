@@ -1,0 +1,167 @@
+"""`make bench-quality`: how well forgetting works, measured on ToyBench.
+
+For each run (one concept, three concepts, a whole category) and each recipe (the pack's
+defaults and the paper's reference recipe), train a patch on the shipped toy model,
+sample every prompt of the world on held-out seeds through the host's sampler, and let
+the oracle say what the images show:
+
+- erased: detection rate of the forgotten concepts on their own prompts, before -> after;
+- kept: mean detection rate of every other concept on its prompts, after / before;
+- H: harmonic mean of (1 - erased after) and kept (capped at 1), the field's
+  many-concept erasure score.
+
+Training sees the pack's category templates ("a photo of {}", ...) and eight rendered
+images of each concept; evaluation uses the world's own prompts ("a portrait of ...",
+"a {object} in the style of {style}") and seeds 9000+, so both are held out.
+
+Writes bench/quality.json and bench/QUALITY.md (the README's table). About 15 minutes on
+2 CPU cores. `--runs` picks runs by name, `--recipe NAME=JSON` adds or overrides a
+recipe (ForgetConfig fields), to compare settings quickly.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench import bootstrap  # noqa: E402
+
+OUT = REPO / "bench"
+SEEDS_IDENTITY = list(range(9000, 9016))  # 16 per portrait prompt
+SEEDS_SCENE = list(range(9000, 9006))     # 6 per object prompt (5 prompts per object, 4 per style)
+IMAGES_PER_CONCEPT = 8
+# The paper's recipe (METHOD.md): its loss alone, every attn2 weight trained whole, 35
+# steps. Its lr (2e-6 on SD2.1, 2e-5 in the SD1.5 reuse) barely moves the toy model
+# (Captain Zorb stays fully detected at 2e-5), so it is scaled x10 to 2e-4.
+RECIPES = {
+    "pack defaults": {},
+    "reference": {"mode": "reference", "output_weight": 0.0, "learning_rate": 2e-4},
+}
+
+
+def runs(world) -> dict[str, list[str]]:
+    """Run name -> concept lines."""
+    out = {c: [f"{c} | {cat}"] for cat, names in world.CATEGORIES.items() for c in names}
+    out["three concepts"] = ["Captain Zorb | identity", "star | object", "neon | style"]
+    for cat, names in world.CATEGORIES.items():
+        out[f"category: {cat}"] = [f"{c} | {cat}" for c in names]
+    return out
+
+
+def score(base: dict, after: dict, forgotten: list[str]) -> dict:
+    kept_names = [c for c in base if c not in forgotten]
+    erased_before = sum(base[c] for c in forgotten) / len(forgotten)
+    erased_after = sum(after[c] for c in forgotten) / len(forgotten)
+    kept_before = sum(base[c] for c in kept_names) / len(kept_names)
+    kept_after = sum(after[c] for c in kept_names) / len(kept_names)
+    kept = kept_after / kept_before
+    a, b = 1 - erased_after, min(1.0, kept)  # sampling noise can put kept above 1
+    h = 2 * a * b / (a + b) if a + b > 0 else 0.0
+    return {"erased_before": round(erased_before, 4), "erased_after": round(erased_after, 4),
+            "kept_before": round(kept_before, 4), "kept_after": round(kept_after, 4), "kept": round(kept, 4),
+            "H": round(h, 4), "worst_kept": min(kept_names, key=lambda c: after[c] - base[c])}
+
+
+def one_run(toy, lines: list[str], recipe: dict, seed: int) -> dict:
+    """Train one patch the way the Forget Train node does; time it and size its file."""
+    import torch
+    from fmn_pack.fmn_core import concepts as fmn_concepts, host, patch as fmn_patch, train
+    from fmn_pack.toybench import world
+    mp, clip, vae = toy
+    concepts = fmn_concepts.parse_concepts("\n".join(lines))
+    config = train.ForgetConfig(seed=seed, resolution=32, **recipe)
+    with torch.inference_mode():
+        images = [torch.from_numpy(world.images_of(c.text, IMAGES_PER_CONCEPT, 100 + i)) for i, c in enumerate(concepts)]
+        latents = {i: host.process_latent_in(mp, host.vae_encode(vae, im).float()) for i, im in enumerate(images)}
+        started = time.perf_counter()
+        result = train.forget(mp, clip, concepts, config, latents)
+        seconds = time.perf_counter() - started
+    patch = fmn_patch.ForgetPatch(result.lora, result.metadata)
+    with tempfile.TemporaryDirectory() as tmp:
+        size = fmn_patch.save_patch(patch, Path(tmp) / "patch.safetensors").stat().st_size
+    return {"result": result, "patched": fmn_patch.apply_patch(mp, patch, 1.0), "seconds": seconds, "bytes": size}
+
+
+def rates(toy_model, toy, oracle_net) -> dict:
+    import torch
+    from fmn_pack.toybench import train as toy_train
+    _, clip, vae = toy
+    with torch.inference_mode():
+        return toy_train.detection_rates(toy_model, clip, vae, oracle_net, SEEDS_IDENTITY, SEEDS_SCENE)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", nargs="*", help="run names (default: all)")
+    ap.add_argument("--recipe", action="append", default=[], help="NAME=JSON of ForgetConfig fields")
+    ap.add_argument("--only-recipes", action="store_true", help="use only the --recipe ones")
+    ap.add_argument("--out", default=str(OUT / "quality.json"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="half the evaluation seeds (for comparing settings)")
+    ap.add_argument("--weights", default=None, help="a ToyBench weights folder other than the shipped one")
+    args = ap.parse_args(argv)
+    if args.quick:
+        del SEEDS_IDENTITY[8:], SEEDS_SCENE[3:]
+
+    bootstrap()
+    from fmn_pack.toybench import loader, world
+
+    recipes = {} if args.only_recipes else dict(RECIPES)
+    for item in args.recipe:
+        name, _, spec = item.partition("=")
+        recipes[name] = json.loads(spec)
+    all_runs = runs(world)
+    chosen = args.runs or list(all_runs)
+    unknown = [r for r in chosen if r not in all_runs]
+    if unknown:
+        raise SystemExit(f"unknown run(s) {unknown}: choose from {list(all_runs)}")
+
+    folder = args.weights or loader.WEIGHTS
+    toy = loader.load(folder)
+    oracle_net = loader.load_oracle(folder)
+    t0 = time.perf_counter()
+    base = rates(toy[0], toy, oracle_net)
+    print(f"base detection ({time.perf_counter() - t0:.0f}s): {json.dumps({k: round(v, 3) for k, v in base.items()})}", flush=True)
+    results = []
+    for run_name in chosen:
+        lines = all_runs[run_name]
+        forgotten = [line.split("|")[0].strip() for line in lines]
+        for recipe_name, recipe in recipes.items():
+            out = one_run(toy, lines, recipe, args.seed)
+            after = rates(out["patched"], toy, oracle_net)
+            entry = {"run": run_name, "recipe": recipe_name, "settings": recipe, "concepts": forgotten,
+                     "seconds_per_concept": round(out["seconds"] / len(forgotten), 2), "patch_bytes": out["bytes"],
+                     "loss_first_last": [round(out["result"].losses[0], 4), round(out["result"].losses[-1], 4)],
+                     **score(base, after, forgotten), "after": {k: round(v, 3) for k, v in after.items()}}
+            results.append(entry)
+            print(f"{run_name:22s} {recipe_name:14s} erased {entry['erased_before']:.2f}->{entry['erased_after']:.2f} "
+                  f"kept {entry['kept']:.3f} H {entry['H']:.3f} ({entry['seconds_per_concept']:.1f} s/concept, "
+                  f"{entry['patch_bytes']:,} B, worst kept: {entry['worst_kept']})", flush=True)
+    report = {"measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "seeds_identity": SEEDS_IDENTITY, "seeds_scene": SEEDS_SCENE, "images_per_concept": IMAGES_PER_CONCEPT,
+              "recipes": recipes, "base": {k: round(v, 4) for k, v in base.items()}, "results": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    if not args.runs and not args.only_recipes:
+        (OUT / "QUALITY.md").write_text(markdown(report))
+    print(f"wrote {args.out} ({time.perf_counter() - t0:.0f}s)")
+
+
+def markdown(report: dict) -> str:
+    rows = ["| run | recipe | erased before -> after | kept (after/before) | H | s/concept | patch bytes |",
+            "|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        rows.append(f"| {r['run']} | {r['recipe']} | {r['erased_before']:.2f} -> {r['erased_after']:.2f} | "
+                    f"{r['kept']:.3f} | **{r['H']:.3f}** | {r['seconds_per_concept']:.1f} | {r['patch_bytes']:,} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    main()
