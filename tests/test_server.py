@@ -134,7 +134,7 @@ def test_pack_loads_with_its_node_contract(server: ComfyServer, object_info: dic
 
 
 def test_workflows_are_served_as_templates(server: ComfyServer) -> None:
-    assert sorted(server.get("/workflow_templates")[PACK_DIR_NAME]) == ["forget_concept", "stack_patches"]
+    assert sorted(server.get("/workflow_templates")[PACK_DIR_NAME]) == ["forget_concept", "stack_patches", "toybench_forget"]
     served = server.get(f"/api/workflow_templates/{PACK_DIR_NAME}/forget_concept.json")
     assert served == load_workflow("forget_concept")
 
@@ -202,3 +202,20 @@ def test_stack_patches_workflow_runs(server: ComfyServer, object_info: dict, van
     pixels = image_pixels(stacked[0])
     assert len(set(pixels)) > 1
     assert pixels != image_pixels(unpatched[0]), "two stacked patches drew exactly what strength 0 draws"
+
+
+def test_toybench_workflow_forgets_captain_zorb(server: ComfyServer, object_info: dict) -> None:
+    """The shipped ToyBench workflow, exactly as a user queues it (8 samples, 32 px, the
+    node's defaults): the oracle sees Captain Zorb before and not after."""
+    import numpy as np
+    import torch
+    from fmn_pack.toybench import loader, oracle
+    prompt = ui_to_api(load_workflow("toybench_forget"), object_info)
+    entry = server.run_prompt(prompt, PROMPT_TIMEOUT_S)
+    images = saved_images(server, entry, prompt)
+    rates = {}
+    for title, paths in images.items():
+        batch = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])).float() / 255
+        rates[title] = float(oracle.detects(loader.load_oracle().predict(batch), "Captain Zorb").float().mean())
+    assert len(images["Before"]) == len(images["After"]) == 8
+    assert rates["Before"] >= 0.75 and rates["After"] <= 0.25, rates
