@@ -39,7 +39,7 @@ SEEDS_SCENE = list(range(9000, 9006))     # 6 per object prompt (5 prompts per o
 IMAGES_PER_CONCEPT = 8
 # The paper's recipe (METHOD.md): its loss alone, every attn2 weight trained whole, 35
 # steps. Its lr (2e-6 on SD2.1, 2e-5 in the SD1.5 reuse) barely moves the toy model
-# (Captain Zorb stays fully detected at 2e-5), so it is scaled x10 to 2e-4.
+# (Captain Zorb stayed fully detected at 2e-5 on an earlier build), so it is scaled x10.
 RECIPES = {
     "pack defaults": {},
     "reference": {"mode": "reference", "output_weight": 0.0, "learning_rate": 2e-4},
