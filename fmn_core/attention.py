@@ -11,7 +11,8 @@ the flattened batch index is `b * heads + h`, so per-sample masks broadcast over
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol
+import contextlib
+from typing import Callable, Iterator, Protocol
 
 import torch
 
@@ -69,11 +70,23 @@ class ColumnEnergy:
     def __init__(self) -> None:
         self.mask: torch.Tensor | None = None  # (B, T)
         self.sum_squares: torch.Tensor | None = None
+        self.active = True
 
     def reset(self, mask: torch.Tensor | None) -> None:
         self.mask, self.sum_squares = mask, None
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Forward passes that are not part of the loss (the teacher's) add nothing."""
+        self.active = False
+        try:
+            yield
+        finally:
+            self.active = True
+
     def __call__(self, layer: str, probs: torch.Tensor, extra_options: dict) -> None:
+        if not self.active:
+            return
         if self.mask is None:
             raise RuntimeError("ColumnEnergy.reset(mask) must be called before the forward pass")
         mask = self.mask.to(probs.device)[:, None, None, :]  # (B, 1, 1, T)

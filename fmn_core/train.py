@@ -8,8 +8,8 @@ gradient clipping really clips, batch masks follow the host's head order, and by
 the update is aimed (see `aim.py`) so other words keep their attention.
 
 Beyond the paper, an output term (weight `output_weight`, 0 = the paper's loss alone):
-the concept's prompt should denoise as the same prompt without the concept does in the
-original model. Attention alone cannot finish the job: a causal text encoder copies the
+the concept's prompt should denoise as the same prompt with the concept's anchor in its
+place ("a person", "an object", or nothing) does in the original model. Attention alone cannot finish the job: a causal text encoder copies the
 concept into every later token, and a model reads a concept from a few percent of the
 attention (ToyBench measures both). The original model is the teacher, run by switching
 the deltas off, so no second copy of the UNet is held.
@@ -87,7 +87,7 @@ class ForgetConfig:
 @dataclass
 class Example:
     """One training prompt: its context (1, T, D), the concept's column mask (T,), the
-    anchor context (1, T', D) of the same prompt without the concept, and the copies of
+    anchor context (1, T', D) of the same prompt with the anchor in the concept's place, and the copies of
     the concept in later tokens (rows of context minus their anchor twins, (N, D))."""
 
     concept: int
@@ -146,8 +146,8 @@ def preserve_moment(clip) -> aim.SecondMoment:
 
 
 def concept_basis(clip, examples: list[Example], n_concepts: int, rank: int) -> torch.Tensor:
-    """Directions each concept's tokens use and ordinary prompts (and the training prompts
-    without the concept) avoid: `rank` per concept, plus `copy_rank(rank)` for the copies
+    """Directions each concept's tokens use and ordinary prompts (and the training prompts'
+    anchor versions) avoid: `rank` per concept, plus `copy_rank(rank)` for the copies
     of the concept in later tokens, which attention re-steering cannot reach."""
     own = aim.SecondMoment(examples[0].context.shape[-1])
     for e in examples:
@@ -302,8 +302,7 @@ def _step_loss(unet, sink: ColumnEnergy, batch: list[tuple], deltas: dict[str, L
     for group in _group_by_length(batch):
         x, context, anchor, mask, sigma = (torch.cat([g[i] for g in group]).to(device) for i in range(5))
         if output_weight:
-            with torch.no_grad(), disabled(deltas):
-                sink.mask = torch.zeros(anchor.shape[:2], device=device)
+            with torch.no_grad(), disabled(deltas), sink.paused():
                 teacher = unet(x, sigma, anchor)
         sink.mask = mask
         student = unet(x, sigma, context)

@@ -58,7 +58,7 @@ class ForgetTrain:
                                      "tooltip": "Train under bf16 autocast on a CUDA GPU: faster and lighter. Ignored on CPU."}),
                 "output_weight": ("FLOAT", {"default": DEFAULTS.output_weight, "min": 0.0, "max": 1000.0, "step": 0.5,
                                             "tooltip": "Weight of the output term: the concept's prompts should denoise like the same "
-                                                       "prompts without the concept. 0 = the paper's attention loss alone."}),
+                                                       "prompts with the anchor in its place. 0 = the paper's attention loss alone."}),
             },
         }
 

@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 from bench import bootstrap  # noqa: E402
 
 OUT = REPO / "bench"
-SEEDS_IDENTITY = list(range(9000, 9016))  # 16 per portrait prompt
-SEEDS_SCENE = list(range(9000, 9006))     # 6 per object prompt (5 prompts per object, 4 per style)
+SEEDS_IDENTITY = tuple(range(9000, 9016))  # 16 per portrait prompt
+SEEDS_SCENE = tuple(range(9000, 9006))     # 6 per object prompt (5 prompts per object, 4 per style)
 IMAGES_PER_CONCEPT = 8
 # The paper's recipe (METHOD.md): its loss alone, every attn2 weight trained whole, 35
 # steps. Its lr (2e-6 on SD2.1, 2e-5 in the SD1.5 reuse) barely moves the toy model
@@ -89,12 +89,13 @@ def one_run(toy, lines: list[str], recipe: dict, seed: int) -> dict:
     return {"result": result, "patched": fmn_patch.apply_patch(mp, patch, 1.0), "seconds": seconds, "bytes": size}
 
 
-def rates(toy_model, toy, oracle_net) -> dict:
+def rates(toy_model, toy, oracle_net, seeds: tuple[list[int], list[int]]) -> dict:
+    """Detection per concept; seeds = (per portrait prompt, per object prompt)."""
     import torch
     from fmn_pack.toybench import train as toy_train
     _, clip, vae = toy
     with torch.inference_mode():
-        return toy_train.detection_rates(toy_model, clip, vae, oracle_net, SEEDS_IDENTITY, SEEDS_SCENE)
+        return toy_train.detection_rates(toy_model, clip, vae, oracle_net, *seeds)
 
 
 def main(argv=None) -> None:
@@ -107,10 +108,11 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="half the evaluation seeds (for comparing settings)")
     ap.add_argument("--weights", default=None, help="a ToyBench weights folder other than the shipped one")
     args = ap.parse_args(argv)
-    if args.quick:
-        del SEEDS_IDENTITY[8:], SEEDS_SCENE[3:]
+    keep = 2 if args.quick else 1
+    seeds = (list(SEEDS_IDENTITY[:len(SEEDS_IDENTITY) // keep]), list(SEEDS_SCENE[:len(SEEDS_SCENE) // keep]))
 
     bootstrap()
+    from fmn_pack.fmn_core.concepts import parse_concepts
     from fmn_pack.toybench import loader, world
 
     recipes = {} if args.only_recipes else dict(RECIPES)
@@ -127,15 +129,15 @@ def main(argv=None) -> None:
     toy = loader.load(folder)
     oracle_net = loader.load_oracle(folder)
     t0 = time.perf_counter()
-    base = rates(toy[0], toy, oracle_net)
+    base = rates(toy[0], toy, oracle_net, seeds)
     print(f"base detection ({time.perf_counter() - t0:.0f}s): {json.dumps({k: round(v, 3) for k, v in base.items()})}", flush=True)
     results = []
     for run_name in chosen:
         lines = all_runs[run_name]
-        forgotten = [line.split("|")[0].strip() for line in lines]
+        forgotten = [c.text for c in parse_concepts("\n".join(lines))]
         for recipe_name, recipe in recipes.items():
             out = one_run(toy, lines, recipe, args.seed)
-            after = rates(out["patched"], toy, oracle_net)
+            after = rates(out["patched"], toy, oracle_net, seeds)
             entry = {"run": run_name, "recipe": recipe_name, "settings": recipe, "concepts": forgotten,
                      "seconds_per_concept": round(out["seconds"] / len(forgotten), 2), "patch_bytes": out["bytes"],
                      "loss_first_last": [round(out["result"].losses[0], 4), round(out["result"].losses[-1], 4)],
@@ -145,7 +147,7 @@ def main(argv=None) -> None:
                   f"kept {entry['kept']:.3f} H {entry['H']:.3f} ({entry['seconds_per_concept']:.1f} s/concept, "
                   f"{entry['patch_bytes']:,} B, worst kept: {entry['worst_kept']})", flush=True)
     report = {"measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "seeds_identity": SEEDS_IDENTITY, "seeds_scene": SEEDS_SCENE, "images_per_concept": IMAGES_PER_CONCEPT,
+              "seeds_identity": seeds[0], "seeds_scene": seeds[1], "images_per_concept": IMAGES_PER_CONCEPT,
               "recipes": recipes, "base": {k: round(v, 4) for k, v in base.items()}, "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

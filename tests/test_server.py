@@ -213,9 +213,10 @@ def test_toybench_workflow_forgets_captain_zorb(server: ComfyServer, object_info
     prompt = ui_to_api(load_workflow("toybench_forget"), object_info)
     entry = server.run_prompt(prompt, PROMPT_TIMEOUT_S)
     images = saved_images(server, entry, prompt)
+    oracle_net = loader.load_oracle()
     rates = {}
     for title, paths in images.items():
         batch = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])).float() / 255
-        rates[title] = float(oracle.detects(loader.load_oracle().predict(batch), "Captain Zorb").float().mean())
+        rates[title] = float(oracle.detects(oracle_net.predict(batch), "Captain Zorb").float().mean())
     assert len(images["Before"]) == len(images["After"]) == 8
     assert rates["Before"] >= 0.75 and rates["After"] <= 0.25, rates
