@@ -3,7 +3,7 @@
     .venv/bin/python -m toybench.train            # from the repo root; ~13 min on 2 CPU cores
     .venv/bin/python -m toybench.train --unet-minutes 1 --out /tmp/tb   # smoke run
 
-The shipped weights came from four runs, each continuing the UNet of the one before
+The shipped weights came from six runs, each continuing the UNet of the one before
 (weights/manifest.json keeps their figures under "history"; the logs are in weights/):
     .venv/bin/python -m toybench.train --vae-steps 1200 --out A                # UNet 10 min
     .venv/bin/python -m toybench.train --out B --reuse-oracle --resume A --unet-minutes 8 --lr 5e-4
@@ -11,9 +11,13 @@ The shipped weights came from four runs, each continuing the UNet of the one bef
         # the world gained its generic scenes here, so the oracle was retrained; C was then
         # continued for 10 minutes (--lr 4e-4) before the generic "a picture" became "an object"
     .venv/bin/python -m toybench.train --out D --resume C --unet-minutes 28 --lr 5e-4
+    .venv/bin/python -m toybench.train --out E --reuse-oracle --resume D --unet-minutes 40 --lr 4e-4 --seed 5
+        # the world gained "... in the style of" with no style (drawn plain)
+    .venv/bin/python -m toybench.train --out F --reuse-oracle --resume E --unet-minutes 25 --lr 3e-4 --seed 6
+(with --reuse-oracle, copy the previous oracle.safetensors into the new --out first).
 
-Seeded. The small CLIP stays at its seeded init (frozen): the world's 30 prompts give
-distinct contexts and ComfyUI's text encoder cannot be back-propagated through anyway.
+Seeded. The small CLIP stays at its seeded init (frozen): the world's 35 prompts give
+distinct contexts, and the token rows the world never uses stay derivable from the seed.
 Stages and their cost on 2 CPU cores (measured, see toybench/weights/manifest.json):
 oracle ~1 min, VAE ~75 s for 1200 steps, UNet ~0.6-1.4 s per step at batch 64 on 4x4
 latents (all slower when the cores are shared).

@@ -13,10 +13,10 @@ concept), "a {object} in the style of {style}". Every image carries labels for t
 heads of the oracle: identity, object and style, where index 0 means "none".
 
 Generic scenes name no concept: "a portrait of a person" (a plain face), "an object" (a
-rounded block, in no concept's shape) and "an object in the style of {style}". They give
-the model what a real one has, "someone" and "something" that are no particular concept,
-so that a forgotten concept can fall back to them (the pack's default anchors for
-identities and objects) instead of to one of its three neighbours.
+rounded block, in no concept's shape), "an object in the style of {style}" and "... in the
+style of" with no style (drawn plain). They give the model what a real one has,
+"someone", "something" and "no style in particular", so that a forgotten concept can
+fall back to them (the pack's default anchors) instead of to one of its neighbours.
 
 32 px images give 4x4 latents with the SD VAE factor 8: small enough to train on two CPU
 cores in minutes. Nuisances (position, size, colour jitter, pixel noise) keep the
@@ -45,6 +45,7 @@ class Scene:
     object: int = 0
     style: int = 0
     person: bool = False  # a generic face: "a portrait of a person"
+    bare_style: bool = False  # "... in the style of" with no style named: drawn plain
 
     @property
     def prompt(self) -> str:
@@ -55,7 +56,7 @@ class Scene:
         obj = f"a {OBJECTS[self.object - 1]}" if self.object else "an object"
         if self.style:
             return f"{obj} in the style of {STYLES[self.style - 1]}"
-        return obj
+        return f"{obj} in the style of" if self.bare_style else obj
 
     @property
     def concepts(self) -> tuple[str, ...]:
@@ -70,17 +71,24 @@ class Scene:
 
 
 def all_scenes() -> list[Scene]:
-    """Every prompt of the world: 4 portraits, 4 plain objects, 16 styled objects, then
-    the 6 generic scenes (a person, a picture, a picture in each style)."""
+    """Every prompt of the world: 4 portraits, 4 plain objects, 16 styled objects, 4
+    objects "in the style of" nothing, then the 7 generic scenes."""
     scenes = [Scene(identity=i) for i in range(1, 5)]
     scenes += [Scene(object=o) for o in range(1, 5)]
     scenes += [Scene(object=o, style=s) for o in range(1, 5) for s in range(1, 5)]
+    scenes += [Scene(object=o, bare_style=True) for o in range(1, 5)]
     return scenes + generic_scenes()
 
 
 def generic_scenes() -> list[Scene]:
-    """Scenes that name no concept: a person, an object, an object in each style."""
-    return [Scene(person=True), Scene()] + [Scene(style=s) for s in range(1, 5)]
+    """Scenes that name no concept: a person, an object, an object in each style and in
+    the style of nothing.
+
+    "in the style of" with the style left out is drawn plain, as a real model draws a
+    generic picture when the artist's name is gone: it is what the pack's default style
+    anchor (the prompt without the style) should produce, so the toy must know it."""
+    plain = [Scene(person=True), Scene(), Scene(bare_style=True)]
+    return plain + [Scene(style=s) for s in range(1, 5)]
 
 
 def scenes_for(concept: str) -> list[Scene]:
