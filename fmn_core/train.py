@@ -28,6 +28,7 @@ import torch
 from . import aim, host
 from .attention import ColumnEnergy, make_attn2_replace
 from .concepts import Concept, preserve_prompts
+from .latents import input_latents, noisy
 from .lora import FULL_RANK, LowRankDelta, disabled, export_kohya
 from .tokens import SpecialTokens, anchor_alignment, column_mask, concept_positions, content_tokens
 
@@ -201,22 +202,11 @@ class LatentSource:
 
 
 def latents_for_concepts(patcher, concepts: list[Concept], images=None, vae=None, latent=None) -> dict[int, torch.Tensor]:
-    """Training latents per concept, in the model's input space.
-
-    Images (B, H, W, C) are VAE-encoded, or a LATENT dict is used as given; a concept line's
-    `images=A-B` picks its rows, otherwise every concept uses all of them.
-    """
-    if images is not None and latent is not None:
-        raise ValueError("connect either images (with a VAE) or a latent, not both")
-    if images is not None:
-        if vae is None:
-            raise ValueError("images are connected but no VAE: connect the model's VAE so the images can be encoded")
-        samples = host.vae_encode(vae, images)
-    elif latent is not None:
-        samples = latent["samples"]
-    else:
+    """Training latents per concept, in the model's input space: a concept line's
+    `images=A-B` picks its rows, otherwise every concept uses all of them."""
+    samples = input_latents(patcher, images, vae, latent)
+    if samples is None:
         return {}
-    samples = host.process_latent_in(patcher, samples.float().cpu())
     per_concept = {}
     for index, concept in enumerate(concepts):
         if concept.images is None:
@@ -322,11 +312,7 @@ def _draw(examples: list[Example], source: LatentSource, sampling, generator: to
     concept = concepts[index % len(concepts)]
     pool = [e for e in examples if e.concept == concept]
     example = pool[int(torch.randint(len(pool), (1,), generator=generator))]
-    latent = source.draw(concept, generator)[None]
-    noise = torch.randn(latent.shape, generator=generator)
-    t = torch.randint(0, 1000, (1,), generator=generator)
-    sigma = sampling.sigma(t.float()).cpu()
-    x = sampling.noise_scaling(sigma, noise, latent)
+    x, sigma, _ = noisy(sampling, source.draw(concept, generator)[None], generator)
     return x, example.context, example.anchor, example.mask[None], sigma
 
 
