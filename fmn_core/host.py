@@ -133,6 +133,48 @@ def encode_many(clip, prompts: list[str]) -> torch.Tensor:
     return cond.reshape(len(prompts), -1, cond.shape[-1])
 
 
+def text_encoder_spec(clip):
+    """The host's text encoder as a `TextEncoderSpec`: float32 copies of its (patched)
+    weights, the output layer the CLIP's current clip-skip selects, its attention function
+    and special tokens. SD1 (clip_l) and SD2 (clip_h) encoders; others are refused."""
+    import comfy.ldm.modules.attention as attention
+
+    from .text_encoder import TextEncoderSpec
+
+    outer = clip.cond_stage_model
+    inner = getattr(outer, getattr(outer, "clip", ""), None)
+    if inner is None or not hasattr(inner, "transformer") or getattr(outer, "clip", "") not in ("clip_l", "clip_h"):
+        raise ValueError(
+            f"text encoder {type(outer).__name__} is not supported for inversion: use an SD1.x or SD2.x CLIP"
+        )
+    if inner.enable_attention_masks:
+        raise ValueError(f"text encoder {type(inner).__name__} uses attention masks, which inversion does not support")
+    clip.load_model()
+    outer.reset_clip_options()
+    if clip.layer_idx is not None:
+        outer.set_clip_options({"layer": clip.layer_idx})
+    try:
+        layer, layer_idx, norm_hidden = inner.layer, inner.layer_idx, inner.layer_norm_hidden_state
+    finally:
+        outer.reset_clip_options()
+    if layer not in ("last", "hidden"):
+        raise ValueError(f"text encoder output layer {layer!r} is not supported for inversion")
+    text_model = inner.transformer.text_model
+    with torch.inference_mode(False):
+        weights = {f"text_model.{k}": v.detach().to(torch.float32).clone() for k, v in text_model.state_dict().items()}
+    first = text_model.encoder.layers[0]
+    special = inner.special_tokens
+    tokenizer = getattr(clip.tokenizer, getattr(clip.tokenizer, "clip", ""))
+    device = weights["text_model.embeddings.token_embedding.weight"].device
+    return TextEncoderSpec(
+        weights=weights, layers=len(text_model.encoder.layers), heads=first.self_attn.heads,
+        activation=first.mlp.activation, output_layer=None if layer == "last" else layer_idx, norm_hidden=norm_hidden,
+        attention=attention.optimized_attention_for_device(device, mask=True, small_input=True),
+        start=special["start"], end=special["end"], pad=special["pad"], length=tokenizer.max_length,
+        embedding_key=tokenizer.embedding_key,
+    )
+
+
 # --- the UNet ---------------------------------------------------------------------
 
 
@@ -245,8 +287,38 @@ def process_latent_in(patcher, latent: torch.Tensor) -> torch.Tensor:
     return patcher.model.process_latent_in(latent)
 
 
+def process_latent_out(patcher, latent: torch.Tensor) -> torch.Tensor:
+    """The model's input space -> VAE latents."""
+    return patcher.model.process_latent_out(latent)
+
+
 def vae_encode(vae, images: torch.Tensor) -> torch.Tensor:
     return vae.encode(images[:, :, :, :3])
+
+
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents -> images (B, H, W, 3)."""
+    return vae.decode(latents)
+
+
+def sample(patcher, context: torch.Tensor, negative: torch.Tensor, seeds: list[int], shape: tuple[int, ...],
+           steps: int = 20, cfg: float = 5.0) -> torch.Tensor:
+    """VAE latents sampled as KSampler does (euler, normal), one per seed, from raw
+    contexts (1, T, D) instead of text: conditioning no prompt can spell."""
+    import comfy.sample
+
+    latent = torch.zeros((len(seeds), *shape))
+    noise = torch.cat([comfy.sample.prepare_noise(latent[:1], s) for s in seeds])
+    n = len(seeds)
+    positive = [[context.detach().expand(n, -1, -1).cpu(), {}]]
+    negative = [[negative.detach().expand(n, -1, -1).cpu(), {}]]
+    return comfy.sample.sample(patcher, noise, steps, cfg, "euler", "normal", positive, negative, latent,
+                               disable_pbar=True, seed=seeds[0])
+
+
+def vision_embeds(clip_vision, images: torch.Tensor) -> torch.Tensor:
+    """CLIP-vision image embeddings (B, D) of images (B, H, W, 3), as CLIPVisionEncode computes them."""
+    return clip_vision.encode_image(images).image_embeds.float()
 
 
 # --- patches ----------------------------------------------------------------------

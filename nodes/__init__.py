@@ -3,6 +3,8 @@
 Node ids are part of the public workflow format: never rename them.
 """
 from .forget_train import ForgetTrain
+from .inversion import ConceptInversion
+from .mscore import MScore
 from .patches import ApplyForgetPatch, LoadForgetPatch, SaveForgetPatch, register_folder
 from .toybench import LoadToyBench
 
@@ -12,6 +14,8 @@ NODES = (
     ("FMN_LoadForgetPatch", LoadForgetPatch, "Load Forget Patch"),
     ("FMN_SaveForgetPatch", SaveForgetPatch, "Save Forget Patch"),
     ("FMN_LoadToyBench", LoadToyBench, "Load ToyBench"),
+    ("FMN_ConceptInversion", ConceptInversion, "Concept Inversion"),
+    ("FMN_MScore", MScore, "M-Score"),
 )
 
 register_folder()

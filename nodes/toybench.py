@@ -1,6 +1,8 @@
 """FMN_LoadToyBench: the shipped ToyBench world model as MODEL, CLIP and VAE."""
 from __future__ import annotations
 
+import folder_paths
+
 from ..toybench import loader, world
 
 PROMPTS = "; ".join(['"a portrait of Captain Zorb"', '"a star"', '"a moon in the style of neon"'])
@@ -28,4 +30,4 @@ class LoadToyBench:
         return {"required": {}}
 
     def load(self):
-        return loader.load()
+        return loader.load(embedding_directory=folder_paths.get_folder_paths("embeddings"))

@@ -2,9 +2,10 @@
 
 Starts ComfyUI with the pack on loopback, submits the pack's own example workflows in API
 form (their checkpoint loader swapped for Load ToyBench, sizes set for the 32 px world):
-forget one concept, forget a second one, stack both patches. The ToyBench oracle then
+forget one concept, forget a second one, stack both patches, then the M-Score workflow
+(inversion + M-Score before/after a patch, shipped for ToyBench). The ToyBench oracle
 says which concepts the generated images show. Writes out/demo/: before/after grids
-(PNG), the patch files, and report.md with the measured detection rates.
+(PNG), the patch and embedding files, and report.md with the measured numbers.
 """
 from __future__ import annotations
 
@@ -102,6 +103,20 @@ def stacked(server, object_info: dict, patches: list[str], strength: float, text
     return images_of(server, entry, prompt, node_ids(prompt, "SaveImage")[0])
 
 
+def mscore_run(server, object_info: dict, oracle) -> dict:
+    """The shipped M-Score workflow as it is: M-Score table, anchors and learned-token samples."""
+    prompt = ui_to_api(json.loads((REPO / "workflows" / "mscore.json").read_text()), object_info)
+    started = time.monotonic()
+    entry = server.run_prompt(prompt, timeout_s=900)
+    seconds = time.monotonic() - started
+    (mscore_id,) = node_ids(prompt, "FMN_MScore")
+    saves = {prompt[i]["_meta"]["title"]: i for i in node_ids(prompt, "SaveImage")}
+    anchors = images_of(server, entry, prompt, saves["Anchors"])
+    learned = images_of(server, entry, prompt, saves["Images from the learned tokens"])
+    return {"report": entry["outputs"][mscore_id]["text"][0], "seconds": seconds, "anchors": anchors, "learned": learned,
+            "detection": detection(oracle, learned, "Captain Zorb")}
+
+
 def main() -> int:
     from toybench.loader import load_oracle
 
@@ -126,12 +141,16 @@ def main() -> int:
             off, on = stacked(server, object_info, patches, 0.0, text), stacked(server, object_info, patches, 1.0, text)
             save_grid({"off": off, "on": on}, OUT / f"stacked_{concept.lower().replace(' ', '_')}.png")
             table.append((concept, concept in {c for c, _, _ in FORGET}, detection(oracle, off, concept), detection(oracle, on, concept)))
-    write_report(forgotten, table, oracle)
+        stage("mscore.json: M-Score of Captain Zorb before and after a patch; his anchors inverted from 'person'")
+        mscore = mscore_run(server, object_info, oracle)
+        shutil.copy(server.models_dir / "embeddings" / "toybench_inverted.safetensors", OUT / "toybench_inverted.safetensors")
+        save_grid({"anchors": mscore["anchors"], "learned": mscore["learned"]}, OUT / "inversion_captain_zorb.png")
+    write_report(forgotten, table, oracle, mscore)
     stage(f"done: {OUT.relative_to(REPO)}/report.md")
     return 0
 
 
-def write_report(forgotten: list[dict], table: list[tuple], oracle) -> None:
+def write_report(forgotten: list[dict], table: list[tuple], oracle, mscore: dict) -> None:
     lines = ["# Forget-Me-Not demo on ToyBench", "",
              f"Real ComfyUI server, the pack's example workflows, {BATCH} samples per prompt "
              f"({SIZE} px, {SAMPLING['sampler_name']} {SAMPLING['steps']} steps, CFG {SAMPLING['cfg']}). "
@@ -145,7 +164,11 @@ def write_report(forgotten: list[dict], table: list[tuple], oracle) -> None:
     lines += ["", "## stack_patches.json (both patches, strength 0 vs 1)", "",
               "| concept | forgotten? | detection without patches | with both |", "|---|---|---|---|"]
     lines += [f"| {c} | {'yes' if f else 'kept'} | {b:.2f} | {a:.2f} |" for c, f, b, a in table]
-    lines += ["", "Grids: `forget_*.png` (top row before, bottom after), `stacked_*.png` (top off, bottom on)."]
+    lines += ["", f"## mscore.json ({mscore['seconds']:.1f} s)", "", mscore["report"], "",
+              f"Samples of *a portrait of embedding:toybench_inverted* (learned from the anchors, starting from the "
+              f"word *person*): Captain Zorb detected in {mscore['detection']:.2f}.", "",
+              "Grids: `forget_*.png` (top row before, bottom after), `stacked_*.png` (top off, bottom on), "
+              "`inversion_captain_zorb.png` (top the anchors, bottom the learned tokens' samples)."]
     (OUT / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -37,6 +37,17 @@ NODE_CONTRACT = {
     "FMN_ApplyForgetPatch": ({"model": "MODEL", "patch": "FORGET_PATCH", "strength": "FLOAT"}, {}, ["MODEL"], False),
     "FMN_LoadForgetPatch": ({"patch_name": "COMBO"}, {}, ["FORGET_PATCH"], False),
     "FMN_SaveForgetPatch": ({"patch": "FORGET_PATCH", "filename": "STRING", "overwrite": "BOOLEAN"}, {}, [], True),
+    "FMN_ConceptInversion": (
+        {"model": "MODEL", "clip": "CLIP", "init_text": "STRING", "name": "STRING", "num_tokens": "INT", "steps": "INT",
+         "learning_rate": "FLOAT", "seed": "INT"},
+        {"images": "IMAGE", "vae": "VAE", "latent": "LATENT", "templates": "STRING", "batch_size": "INT", "overwrite": "BOOLEAN"},
+        ["EMBEDDING", "STRING"], True),
+    "FMN_MScore": (
+        {"original": "MODEL", "clip": "CLIP", "concept": "STRING", "num_tokens": "INT", "steps": "INT",
+         "learning_rate": "FLOAT", "seed": "INT"},
+        {"patched": "MODEL", "patched_2": "MODEL", "patched_3": "MODEL", "images": "IMAGE", "vae": "VAE",
+         "latent": "LATENT", "templates": "STRING", "clip_vision": "CLIP_VISION"},
+        ["FLOAT", "FLOAT", "FLOAT", "STRING"], True),
 }
 
 
@@ -134,7 +145,7 @@ def test_pack_loads_with_its_node_contract(server: ComfyServer, object_info: dic
 
 
 def test_workflows_are_served_as_templates(server: ComfyServer) -> None:
-    assert sorted(server.get("/workflow_templates")[PACK_DIR_NAME]) == ["forget_concept", "stack_patches", "toybench_forget"]
+    assert sorted(server.get("/workflow_templates")[PACK_DIR_NAME]) == ["forget_concept", "mscore", "stack_patches", "toybench_forget"]
     served = server.get(f"/api/workflow_templates/{PACK_DIR_NAME}/forget_concept.json")
     assert served == load_workflow("forget_concept")
 
@@ -220,3 +231,23 @@ def test_toybench_workflow_forgets_captain_zorb(server: ComfyServer, object_info
         rates[title] = float(oracle.detects(oracle_net.predict(batch), "Captain Zorb").float().mean())
     assert len(images["Before"]) == len(images["After"]) == 8
     assert rates["Before"] >= 0.75 and rates["After"] <= 0.25, rates
+
+
+def test_mscore_workflow_scores_the_forgotten_concept_and_draws_it_from_learned_tokens(server: ComfyServer, object_info: dict) -> None:
+    """The shipped inversion + M-Score workflow as a user queues it, on ToyBench: the patch
+    lowers Captain Zorb's M-Score, the embedding file lands in models/embeddings, and the
+    prompt with the learned tokens draws him."""
+    import numpy as np
+    import torch
+    from fmn_pack.toybench import loader, oracle
+    prompt = ui_to_api(load_workflow("mscore"), object_info)
+    entry = server.run_prompt(prompt, 3 * PROMPT_TIMEOUT_S)  # ~360 inversion steps on 2 CPU cores
+    (mscore_id,) = node_ids(prompt, "FMN_MScore")
+    (report,) = entry["outputs"][mscore_id]["text"]
+    scores = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in report.splitlines() if line.startswith("| ") and "M-Score" not in line}
+    assert scores["patched"] < scores["original"], report
+    assert (server.models_dir / "embeddings" / "toybench_inverted.safetensors").is_file()
+    images = saved_images(server, entry, prompt)
+    batch = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in images["Images from the learned tokens"]]))
+    rate = float(oracle.detects(loader.load_oracle().predict(batch.float() / 255), "Captain Zorb").float().mean())
+    assert rate >= 0.5, f"the learned tokens drew Captain Zorb in {rate:.0%} of 8 samples"

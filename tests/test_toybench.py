@@ -26,8 +26,11 @@ def toy():
 
 def test_world_prompts_and_labels():
     scenes = world.all_scenes()
-    assert len(world.CONCEPTS) == 12 and len({s.prompt for s in scenes}) == len(scenes) == 30
+    assert len(world.CONCEPTS) == 12 and len({s.prompt for s in scenes}) == len(scenes) == 35
     assert "a star in the style of neon" in {s.prompt for s in scenes}
+    bare = {s.prompt: world.labels(s) for s in scenes if s.bare_style}
+    assert bare == {"a ring in the style of": (0, 1, 0), "a cross in the style of": (0, 2, 0), "a star in the style of": (0, 3, 0),
+                    "a moon in the style of": (0, 4, 0), "an object in the style of": (0, 0, 0)}
     for concept in world.CONCEPTS:
         assert all(concept in s.prompt for s in world.scenes_for(concept))
     generic = world.generic_scenes()
@@ -77,10 +80,6 @@ def test_node_returns_model_clip_vae():
     assert mp.model.diffusion_model is not None and clip is not None and vae is not None
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "OPEN: the model is under-trained (~4,000 CPU steps). Training's own check (seeds 1000+) gives 0.875-1.0 "
-    "for every concept; seeds 5000+ give Madame Plink 0.69 and cross 0.77, the rest 0.83-1.0: some noise seeds "
-    "leave colour noise in every prompt. Train longer, then remove this mark."))
 def test_shipped_model_generates_each_concept(toy, oracle_net):
     """Host sampler (euler, 20 steps, CFG 5) on seeds the training never used: 16 per portrait,
     6 per object prompt, so 30 samples per object and 24 per style."""
@@ -134,3 +133,59 @@ def test_manifest_records_every_file():
     manifest = json.loads((loader.WEIGHTS / "manifest.json").read_text())
     assert set(manifest["files"]) == {"unet.safetensors", "clip.safetensors", "vae.safetensors", "oracle.safetensors"}
     assert sum((loader.WEIGHTS / f).stat().st_size for f in manifest["files"]) <= 30 * 1024 * 1024
+
+
+# --- Concept Inversion and M-Score on the shipped model -----------------------------------
+
+def test_inversion_recovers_a_concept_from_a_generic_word(toy, oracle_net):
+    """Captain Zorb's images inverted from the word 'person': the learned tokens draw him."""
+    from fmn_pack.toybench import probes
+    mp, clip, vae = toy
+    with torch.inference_mode():
+        rate, result = probes.recovery_rate(mp, clip, vae, oracle_net, "Captain Zorb", list(range(6000, 6016)),
+                                            **probes.RECOVERY)
+        start = probes.sample_rate(mp, clip, vae, oracle_net, "Captain Zorb", result.initial, list(range(6000, 6016)))
+    assert start <= 0.2 and rate >= 0.7, f"detection from the initial tokens {start:.2f}, from the learned ones {rate:.2f}"
+
+
+def test_m_score_drops_for_the_forgotten_concept_and_not_for_the_kept(toy):
+    from fmn_pack.fmn_core import host
+    from fmn_pack.fmn_core.concepts import parse_concepts
+    from fmn_pack.fmn_core.mscore import m_scores
+    from fmn_pack.fmn_core.train import ForgetConfig, forget
+    from fmn_pack.toybench import probes
+    mp, clip, vae = toy
+    drops = {}
+    with torch.inference_mode():
+        latents = {0: probes.concept_latents(mp, vae, "Captain Zorb")}
+        result = forget(mp, clip, parse_concepts("Captain Zorb | identity"), ForgetConfig(resolution=32), latents)
+        patched = host.apply_lora(mp, result.lora, 1.0)
+        for concept in ("Captain Zorb", "Madame Plink", "star"):
+            rows = m_scores([("original", mp), ("patched", patched)], clip, probes.concept_latents(mp, vae, concept),
+                            concept, probes.config_for(concept, **probes.M_SCORE))
+            drops[concept] = rows[1].drop
+    kept = max(drops["Madame Plink"], drops["star"])
+    assert drops["Captain Zorb"] > 0 and drops["Captain Zorb"] > kept, drops
+
+
+def test_m_score_image_space_score_through_a_host_clip_vision_model(toy, tmp_path):
+    """The optional CLIP_VISION input: a small vision tower of the host's own class (random
+    weights, seeded) scores images sampled from each recovered embedding against the anchors."""
+    import comfy.clip_vision
+    from fmn_pack.fmn_core.mscore import m_scores, table
+    from fmn_pack.toybench import model as toy_model, probes
+    config = {"hidden_act": "quick_gelu", "hidden_size": 64, "image_size": 32, "intermediate_size": 128,
+              "layer_norm_eps": 1e-5, "model_type": "clip_vision_model", "num_attention_heads": 2, "num_channels": 3,
+              "num_hidden_layers": 2, "patch_size": 8, "projection_dim": 32}  # the host reads layer -2
+    (tmp_path / "vision.json").write_text(json.dumps(config))
+    vision = comfy.clip_vision.ClipVisionModel(str(tmp_path / "vision.json"))
+    toy_model.init_module(vision.model, seed=3)
+    mp, clip, vae = toy
+    settings = probes.config_for("Captain Zorb", num_tokens=2, steps=3, learning_rate=1e-2)
+    with torch.inference_mode():
+        latents = probes.concept_latents(mp, vae, "Captain Zorb", count=4)
+        rows = m_scores([("original", mp)], clip, latents, "Captain Zorb", settings, vision=vision, vae=vae)
+        again = m_scores([("original", mp)], clip, latents, "Captain Zorb", settings, vision=vision, vae=vae)
+    similarity = rows[0].image_similarity
+    assert similarity is not None and -1.0 <= similarity <= 1.0 and rows == again
+    assert "image sim" in table(rows, "Captain Zorb", settings)

@@ -56,8 +56,9 @@ def _read(name: str, folder) -> dict:
     return load_file(str(checked_file(name, folder)))
 
 
-def load(folder: Path | str = WEIGHTS):
-    """(MODEL, CLIP, VAE) built from the host's classes around the shipped weights."""
+def load(folder: Path | str = WEIGHTS, embedding_directory=None):
+    """(MODEL, CLIP, VAE) built from the host's classes around the shipped weights;
+    `embedding:NAME` in prompts is looked up in `embedding_directory` (a path or list)."""
     from . import model as M
     unet_sd, clip_sd, vae_sd = (_read(n, folder) for n in MODEL_FILES)
     mp = M.unet()
@@ -67,7 +68,7 @@ def load(folder: Path | str = WEIGHTS):
         raise ToyBenchWeightsError(f"unet.safetensors does not match the toy UNet layout (missing {missing[:3]}, "
                                    f"unexpected {unexpected[:3]}). Rebuild the weights with: {REBUILD}")
     net.eval()
-    clip = M.clip()
+    clip = M.clip(embedding_directory=embedding_directory)
     M.load_clip_state(clip, clip_sd)
     vae = M.vae({k: v.float() for k, v in vae_sd.items()})
     return mp, clip, vae

@@ -78,10 +78,11 @@ class _Target:
         self.clip, self.tokenizer, self.params = comfy.sd1_clip.SD1ClipModel, comfy.sd1_clip.SD1Tokenizer, {}
 
 
-def clip(seed: int = SEEDS["clip"]) -> comfy.sd.CLIP:
+def clip(seed: int = SEEDS["clip"], embedding_directory=None) -> comfy.sd.CLIP:
+    """The toy text encoder; `embedding_directory` is where `embedding:NAME` is looked up."""
     options = {"clip_l_model_config": {"num_hidden_layers": CLIP_LAYERS, "intermediate_size": CLIP_MLP},
                "dtype": torch.float32}
-    c = comfy.sd.CLIP(_Target(), model_options=options)
+    c = comfy.sd.CLIP(_Target(), embedding_directory=embedding_directory, model_options=options)
     init_module(c.cond_stage_model, seed)
     return c
 

@@ -1,0 +1,42 @@
+"""Learned token rows as a host embedding file (`embedding:NAME` in any prompt)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .files import atomic_write
+
+
+@dataclass
+class Embedding:
+    """The EMBEDDING value between nodes: rows (k, width) under the host's encoder key."""
+
+    name: str
+    vectors: torch.Tensor
+    key: str  # "clip_l" (SD1) or "clip_h" (SD2): what the host's loader reads for that encoder
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def save_embedding(embedding: Embedding, path: Path, overwrite: bool = False) -> Path:
+    """Write `{key: rows}` with the settings as safetensors metadata, atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {embedding.key: embedding.vectors.detach().to("cpu", torch.float32).contiguous()}
+    return atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=embedding.metadata), overwrite)
+
+
+def describe(init_text: str, config, losses: list[float]) -> dict[str, str]:
+    """Embedding header metadata: what was inverted and how (strings, as safetensors wants)."""
+    return {
+        "fmn.format": "forget-me-not-embedding/1",
+        "fmn.init_text": init_text,
+        "fmn.templates": json.dumps(list(config.templates)),
+        "fmn.num_tokens": str(config.num_tokens),
+        "fmn.steps": str(config.steps),
+        "fmn.learning_rate": repr(config.learning_rate),
+        "fmn.seed": str(config.seed),
+        "fmn.final_loss": repr(round(sum(losses[-10:]) / len(losses[-10:]), 6)) if losses else "nan",
+    }

@@ -1,0 +1,88 @@
+"""FMN_ConceptInversion: learn new token rows for a concept from its images."""
+from __future__ import annotations
+
+import folder_paths
+
+from ..fmn_core import host
+from ..fmn_core.embedding import Embedding, describe, save_embedding
+from ..fmn_core.files import inside, safe_filename
+from ..fmn_core.inversion import DEFAULT_TEMPLATE, InversionConfig, invert
+from ..fmn_core.latents import input_latents
+
+DEFAULTS = InversionConfig()
+TEMPLATE_TOOLTIP = ("Prompt templates, one per line, each with one {} where the learned tokens go; training "
+                    "cycles through them. Use the phrasing your model knows for this kind of concept.")
+
+
+def parse_templates(text: str) -> tuple[str, ...]:
+    """The template box: one template per non-empty line."""
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+class ConceptInversion:
+    CATEGORY = "Forget-Me-Not"
+    DESCRIPTION = ("Textual inversion: learns a few new token vectors that make the model reproduce the given "
+                   "images, with the model frozen. Saves them to models/embeddings/<name>.safetensors, so "
+                   "'embedding:<name>' works in any prompt, and Forget Train can then forget exactly those tokens.")
+    RETURN_TYPES = ("EMBEDDING", "STRING")
+    RETURN_NAMES = ("embedding", "prompt_word")
+    OUTPUT_TOOLTIPS = ("The learned token vectors.",
+                       "'embedding:<name>': put it in a prompt or a Forget Train concept line.")
+    FUNCTION = "invert"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model the embedding is learned through (frozen)."}),
+                "clip": ("CLIP", {"tooltip": "Its text encoder (SD1.x or SD2.x)."}),
+                "init_text": ("STRING", {"default": "Van Gogh", "tooltip": "The concept's words: the new tokens start from them."}),
+                "name": ("STRING", {"default": "my_concept", "tooltip": "File name in models/embeddings (.safetensors is added)."}),
+                "num_tokens": ("INT", {"default": DEFAULTS.num_tokens, "min": 1, "max": 16,
+                                       "tooltip": "How many new tokens (the paper uses 4)."}),
+                "steps": ("INT", {"default": DEFAULTS.steps, "min": 1, "max": 10000, "tooltip": "Training steps."}),
+                "learning_rate": ("FLOAT", {"default": DEFAULTS.learning_rate, "min": 1e-6, "max": 0.5, "step": 1e-4,
+                                            "round": False, "tooltip": "AdamW learning rate of the token vectors."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                 "tooltip": "Seed for images, timesteps and noise: the same seed gives the same embedding."}),
+            },
+            "optional": {
+                "images": ("IMAGE", {"tooltip": "Images of the concept (one size; cropped to multiples of 8 like VAE Encode)."}),
+                "vae": ("VAE", {"tooltip": "Encodes the images."}),
+                "latent": ("LATENT", {"tooltip": "Already encoded images, instead of images + VAE."}),
+                "templates": ("STRING", {"multiline": True, "default": DEFAULT_TEMPLATE, "tooltip": TEMPLATE_TOOLTIP}),
+                "batch_size": ("INT", {"default": DEFAULTS.batch_size, "min": 1, "max": 64, "tooltip": "Images per step."}),
+                "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an embedding file of the same name."}),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, name=None, templates=None, **_):
+        try:
+            if isinstance(name, str):
+                safe_filename(name, ".safetensors")
+            if isinstance(templates, str):
+                config_from(templates).validate()
+        except ValueError as e:
+            return str(e)
+        return True
+
+    def invert(self, model, clip, init_text, name, num_tokens, steps, learning_rate, seed, images=None, vae=None,
+               latent=None, templates=DEFAULT_TEMPLATE, batch_size=DEFAULTS.batch_size, overwrite=False):
+        config = config_from(templates, num_tokens=num_tokens, steps=steps, learning_rate=learning_rate, seed=seed,
+                             batch_size=batch_size)
+        config.validate()
+        path = inside(folder_paths.get_folder_paths("embeddings")[0], safe_filename(name, ".safetensors"))
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path.name} already exists in {path.parent}: pick another name or enable overwrite")
+        samples = input_latents(model, images, vae, latent)
+        result = invert(model, clip, samples, init_text, config, progress=host.Progress(steps))
+        embedding = Embedding(path.stem, result.vectors, result.embedding_key, describe(init_text, config, result.losses))
+        save_embedding(embedding, path, overwrite=overwrite)
+        word = f"embedding:{path.stem}"
+        return {"ui": {"text": [f"saved {path.name}: use {word} in a prompt"]}, "result": (embedding, word)}
+
+
+def config_from(template_text: str, **settings) -> InversionConfig:
+    return InversionConfig(templates=parse_templates(template_text), **settings)
