@@ -19,6 +19,19 @@ def parse_templates(text: str) -> tuple[str, ...]:
     return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
+def settings_inputs() -> dict:
+    """num_tokens, steps, learning_rate and seed: the inversion settings both nodes expose."""
+    return {
+        "num_tokens": ("INT", {"default": DEFAULTS.num_tokens, "min": 1, "max": 16,
+                               "tooltip": "How many new tokens (the paper uses 4)."}),
+        "steps": ("INT", {"default": DEFAULTS.steps, "min": 1, "max": 10000, "tooltip": "Inversion steps."}),
+        "learning_rate": ("FLOAT", {"default": DEFAULTS.learning_rate, "min": 1e-6, "max": 0.5, "step": 1e-4,
+                                    "round": False, "tooltip": "AdamW learning rate of the token vectors."}),
+        "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                         "tooltip": "Seed for images, timesteps and noise: the same seed gives the same result."}),
+    }
+
+
 class ConceptInversion:
     CATEGORY = "Forget-Me-Not"
     DESCRIPTION = ("Textual inversion: learns a few new token vectors that make the model reproduce the given "
@@ -39,13 +52,7 @@ class ConceptInversion:
                 "clip": ("CLIP", {"tooltip": "Its text encoder (SD1.x or SD2.x)."}),
                 "init_text": ("STRING", {"default": "Van Gogh", "tooltip": "The concept's words: the new tokens start from them."}),
                 "name": ("STRING", {"default": "my_concept", "tooltip": "File name in models/embeddings (.safetensors is added)."}),
-                "num_tokens": ("INT", {"default": DEFAULTS.num_tokens, "min": 1, "max": 16,
-                                       "tooltip": "How many new tokens (the paper uses 4)."}),
-                "steps": ("INT", {"default": DEFAULTS.steps, "min": 1, "max": 10000, "tooltip": "Training steps."}),
-                "learning_rate": ("FLOAT", {"default": DEFAULTS.learning_rate, "min": 1e-6, "max": 0.5, "step": 1e-4,
-                                            "round": False, "tooltip": "AdamW learning rate of the token vectors."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                                 "tooltip": "Seed for images, timesteps and noise: the same seed gives the same embedding."}),
+                **settings_inputs(),
             },
             "optional": {
                 "images": ("IMAGE", {"tooltip": "Images of the concept (one size; cropped to multiples of 8 like VAE Encode)."}),

@@ -5,7 +5,7 @@ from ..fmn_core import host
 from ..fmn_core.inversion import DEFAULT_TEMPLATE
 from ..fmn_core.latents import input_latents
 from ..fmn_core.mscore import m_scores, table
-from .inversion import DEFAULTS, TEMPLATE_TOOLTIP, config_from
+from .inversion import TEMPLATE_TOOLTIP, config_from, settings_inputs
 
 EXTRA_MODELS = ("patched_2", "patched_3")
 
@@ -34,11 +34,7 @@ class MScore:
                 "clip": ("CLIP", {"tooltip": "The text encoder shared by the models (SD1.x or SD2.x)."}),
                 "concept": ("STRING", {"default": "Van Gogh", "tooltip": "The concept's words: inversions start from them "
                                                                           "and are compared with them."}),
-                "num_tokens": ("INT", {"default": DEFAULTS.num_tokens, "min": 1, "max": 16}),
-                "steps": ("INT", {"default": DEFAULTS.steps, "min": 1, "max": 10000, "tooltip": "Inversion steps per model."}),
-                "learning_rate": ("FLOAT", {"default": DEFAULTS.learning_rate, "min": 1e-6, "max": 0.5, "step": 1e-4, "round": False}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                                 "tooltip": "The same seed for every model: scores are comparable and repeatable."}),
+                **settings_inputs(),
             },
             "optional": {
                 "patched": ("MODEL", {"tooltip": "The model after forgetting."}),
