@@ -301,19 +301,51 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(latents)
 
 
+def conditioning(clip, text: str) -> list:
+    """CONDITIONING of a prompt, as CLIPTextEncode builds it."""
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    return [[cond, {"pooled_output": pooled}]]
+
+
+def sample_latent(patcher, positive: list, negative: list, noise_seeds: list[int], latent: torch.Tensor,
+                  steps: int = 20, cfg: float = 5.0, sampler_name: str = "euler", scheduler: str = "normal") -> torch.Tensor:
+    """KSampler's sampling, one noise seed per batch row (one seed: KSampler's own batch noise)."""
+    import comfy.sample
+
+    if len(noise_seeds) == 1:
+        noise = comfy.sample.prepare_noise(latent, noise_seeds[0])
+    else:
+        noise = torch.cat([comfy.sample.prepare_noise(latent[:1], s) for s in noise_seeds])
+    return comfy.sample.sample(patcher, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                               disable_pbar=True, seed=noise_seeds[0])
+
+
 def sample(patcher, context: torch.Tensor, negative: torch.Tensor, seeds: list[int], shape: tuple[int, ...],
            steps: int = 20, cfg: float = 5.0) -> torch.Tensor:
     """VAE latents sampled as KSampler does (euler, normal), one per seed, from raw
     contexts (1, T, D) instead of text: conditioning no prompt can spell."""
-    import comfy.sample
-
-    latent = torch.zeros((len(seeds), *shape))
-    noise = torch.cat([comfy.sample.prepare_noise(latent[:1], s) for s in seeds])
     n = len(seeds)
     positive = [[context.detach().expand(n, -1, -1).cpu(), {}]]
     negative = [[negative.detach().expand(n, -1, -1).cpu(), {}]]
-    return comfy.sample.sample(patcher, noise, steps, cfg, "euler", "normal", positive, negative, latent,
-                               disable_pbar=True, seed=seeds[0])
+    return sample_latent(patcher, positive, negative, seeds, torch.zeros((n, *shape)), steps, cfg)
+
+
+def sampler_names() -> tuple[list[str], list[str]]:
+    """The host's sampler and scheduler names (KSampler's combos)."""
+    import comfy.samplers
+
+    return list(comfy.samplers.KSampler.SAMPLERS), list(comfy.samplers.KSampler.SCHEDULERS)
+
+
+def preview_images(images: torch.Tensor, prefix: str) -> list[dict]:
+    """Save images as the stock Preview Image node does (temp folder, PNG); the UI's file refs."""
+    import nodes
+
+    return nodes.PreviewImage().save_images(images, filename_prefix=prefix)["ui"]["images"]
+
+
+def percent_to_sigma(patcher, percent: float) -> float:
+    return float(model_sampling(patcher).percent_to_sigma(percent))
 
 
 def vision_embeds(clip_vision, images: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 Node ids are part of the public workflow format: never rename them.
 """
+from .attention_maps import AttentionMapViewer
 from .forget_train import ForgetTrain
 from .inversion import ConceptInversion
 from .mscore import MScore
@@ -16,6 +17,7 @@ NODES = (
     ("FMN_LoadToyBench", LoadToyBench, "Load ToyBench"),
     ("FMN_ConceptInversion", ConceptInversion, "Concept Inversion"),
     ("FMN_MScore", MScore, "M-Score"),
+    ("FMN_AttentionMapViewer", AttentionMapViewer, "Attention Map Viewer"),
 )
 
 register_folder()

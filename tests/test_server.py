@@ -48,6 +48,12 @@ NODE_CONTRACT = {
         {"patched": "MODEL", "patched_2": "MODEL", "patched_3": "MODEL", "images": "IMAGE", "vae": "VAE",
          "latent": "LATENT", "templates": "STRING", "clip_vision": "CLIP_VISION"},
         ["FLOAT", "FLOAT", "FLOAT", "STRING"], True),
+    "FMN_AttentionMapViewer": (
+        {"model": "MODEL", "clip": "CLIP", "vae": "VAE", "prompt": "STRING", "words": "STRING", "seed": "INT", "steps": "INT",
+         "cfg": "FLOAT", "sampler_name": "COMBO", "scheduler": "COMBO", "width": "INT", "height": "INT"},
+        {"model_after": "MODEL", "negative": "STRING", "start_percent": "FLOAT", "end_percent": "FLOAT", "blocks": "COMBO",
+         "resolution": "COMBO", "normalization": "COMBO", "colormap": "COMBO", "alpha": "FLOAT"},
+        ["IMAGE", "IMAGE", "MASK"], True),
 }
 
 
@@ -145,7 +151,7 @@ def test_pack_loads_with_its_node_contract(server: ComfyServer, object_info: dic
 
 
 def test_workflows_are_served_as_templates(server: ComfyServer) -> None:
-    assert sorted(server.get("/workflow_templates")[PACK_DIR_NAME]) == ["forget_concept", "mscore", "stack_patches", "toybench_forget"]
+    assert sorted(server.get("/workflow_templates")[PACK_DIR_NAME]) == ["attention_maps", "forget_concept", "mscore", "stack_patches", "toybench_forget"]
     served = server.get(f"/api/workflow_templates/{PACK_DIR_NAME}/forget_concept.json")
     assert served == load_workflow("forget_concept")
 
