@@ -11,6 +11,10 @@ Figures (bench/README.md explains each one and how to read it):
 3. patch_bytes_per_concept: bytes of a saved one-concept patch on SD1.5 shapes, per rank.
 4. seconds_per_concept_sd15_512: Forget Train wall time for one concept on a full-size
    SD1.5-layout UNet at 512 px with the default config; CUDA only, else null + reason.
+5. inversion_step_over_sampling_step: one Concept Inversion step (out-of-place text
+   encoder + UNet forward + backward to the token rows) over one plain sampling step.
+6. sampling_with_capture: a sampling run with the Attention Map Viewer's heatmap capture
+   over the same run without it.
 
 Machines are noisy (this one is shared), so every timing is the median of several
 repetitions after a warm-up, and compared quantities are measured interleaved in one run
@@ -175,6 +179,26 @@ def full_sd1_clip(seed: int = 1):
 # --- figure 1: a training step against a sampling step ----------------------------------
 
 
+def sampling_step_seconds(patcher, x, sigma, cond, uncond, k: int) -> tuple[float, float, float]:
+    """Median over k of one UNet forward: batch 1 (cond), batch 2 (cond + uncond), and batch 1 wall time."""
+    import torch
+
+    from fmn_pack.fmn_core import host
+
+    device = host.device()
+    forward = host.loaded_forward(patcher)  # (re)load: training unloads its clone
+    x, s, c = x.to(device), sigma.to(device), cond.to(device)
+    x2, s2, c2 = torch.cat([x, x]), torch.cat([s, s]), torch.cat([c, uncond.to(device)])
+    one, two, wall = [], [], []
+    with torch.inference_mode():
+        for _ in range(k):
+            seconds, _, wall_seconds = timed(forward, x, s, c)
+            one.append(seconds)
+            wall.append(wall_seconds)
+            two.append(timed(forward, x2, s2, c2)[0])
+    return med(one), med(two), med(wall)
+
+
 def bench_train_vs_sample(pack, cfg: dict) -> tuple[dict, list]:
     import torch
 
@@ -188,26 +212,14 @@ def bench_train_vs_sample(pack, cfg: dict) -> tuple[dict, list]:
     concepts = [parse_concepts(line)[0] for line in CONCEPT_LINES]
     res, n1, n2, reps = cfg["resolution"], cfg["steps_short"], cfg["steps_long"], cfg["reps_train"]
     size = res // 8
-    device = host.device()
     g = torch.Generator().manual_seed(0)
     x1 = torch.randn((1, 4, size, size), generator=g)
     sigma1 = host.model_sampling(patcher).sigma(torch.tensor([500.0]))
     cond = host.encode(clip, "a painting in the style of Van Gogh")
     uncond = host.encode(clip, "")
 
-    def sampling_steps(k: int) -> tuple[float, float]:
-        """Median over k of one UNet forward, batch 1 (cond) and batch 2 (cond + uncond)."""
-        forward = host.loaded_forward(patcher)  # (re)load: forget() unloads its clone
-        x, s, c = x1.to(device), sigma1.to(device), cond.to(device)
-        x2, s2, c2 = torch.cat([x, x]), torch.cat([s, s]), torch.cat([c, uncond.to(device)])
-        one, two, wall = [], [], []
-        with torch.inference_mode():
-            for _ in range(k):
-                seconds, _, wall_seconds = timed(forward, x, s, c)
-                one.append(seconds)
-                wall.append(wall_seconds)
-                two.append(timed(forward, x2, s2, c2)[0])
-        return med(one), med(two), med(wall)
+    def sampling_steps(k: int) -> tuple[float, float, float]:
+        return sampling_step_seconds(patcher, x1, sigma1, cond, uncond, k)
 
     def train(concept, steps):
         stepclock = StepClock()
@@ -266,6 +278,103 @@ def bench_train_vs_sample(pack, cfg: dict) -> tuple[dict, list]:
         "reps": rows,
     }
     return fig, patches
+
+
+# --- figure 5: an inversion step against a sampling step -------------------------------
+
+
+def bench_inversion_vs_sample(pack, cfg: dict) -> dict:
+    """Figure 5: one Concept Inversion step over one sampling step, measured like figure 1."""
+    import torch
+
+    import host_models
+    from fmn_pack.fmn_core import host
+    from fmn_pack.fmn_core.inversion import InversionConfig, invert
+
+    patcher, clip = host_models.sd15_model(seed=0), host_models.sd1_clip(seed=1)
+    res, n1, n2 = cfg["resolution"], cfg["steps_short"], cfg["inversion_steps_long"]
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn((1, 4, res // 8, res // 8), generator=g)
+    latents = torch.randn((4, 4, res // 8, res // 8), generator=g)
+    sigma1 = host.model_sampling(patcher).sigma(torch.tensor([500.0]))
+    cond, uncond = host.encode(clip, "a photo of Van Gogh"), host.encode(clip, "")
+
+    def run(steps: int) -> float:
+        config = InversionConfig(steps=steps, batch_size=1)
+        with torch.inference_mode():
+            return timed(invert, patcher, clip, latents, "Van Gogh", config)[0]
+
+    run(1)
+    rows = []
+    for rep in range(cfg["reps_inversion"]):
+        fwd = sampling_step_seconds(patcher, x1, sigma1, cond, uncond, cfg["forwards_per_rep"])[0]
+        short, long = run(n1), run(n2)
+        per_step = (long - short) / (n2 - n1)
+        rows.append({"inversion_step_s": per_step, "sampling_step_s": fwd, "ratio": per_step / fwd,
+                     "setup_s": short - n1 * per_step})
+        print(f"  [5] rep {rep + 1}/{cfg['reps_inversion']}: step {per_step:.3f}s, sampling step {fwd:.3f}s, "
+              f"ratio {per_step / fwd:.2f}", flush=True)
+    col = lambda k: [r[k] for r in rows]  # noqa: E731
+    return {
+        "value": r4(med(col("ratio"))),
+        "clock": TIMER["name"],
+        "what": (f"one Concept Inversion step (text encoder forward out of place + UNet forward + backward to the "
+                 f"token rows + AdamW, batch 1, default settings) over one plain sampling step (UNet forward, batch "
+                 f"1, no CFG), on the small SD1.5-layout model at {res} px"),
+        "method": f"per step = (time of invert() with {n2} steps - with {n1}) / {n2 - n1}; median over reps of the ratio",
+        "inversion_step_s": spread(col("inversion_step_s")),
+        "sampling_step_s": spread(col("sampling_step_s")),
+        "setup_s": spread(col("setup_s")),
+        "reps": rows,
+    }
+
+
+# --- figure 6: sampling with the attention-map capture -----------------------------------
+
+
+def bench_capture_vs_sample(pack, cfg: dict) -> dict:
+    """Figure 6: a sampling run with the heatmap capture on over the same run without it."""
+    import torch
+
+    import host_models
+    from fmn_pack.fmn_core import host
+    from fmn_pack.fmn_core.attention_maps import MapSettings, capture, find_words
+
+    patcher, clip = host_models.sd15_model(seed=0), host_models.sd1_clip(seed=1)
+    res, steps = cfg["resolution"], cfg["sampler_steps"]
+    prompt = "a painting of a fox in a snowy forest"
+    settings = MapSettings(steps=steps, cfg=cfg["cfg"], width=res, height=res)
+    words = find_words(clip, prompt, "")
+    with torch.inference_mode():
+        positive, negative = host.conditioning(clip, prompt), host.conditioning(clip, "")
+    latent = torch.zeros((1, 4, res // 8, res // 8))
+
+    def plain() -> None:
+        with torch.inference_mode():
+            host.sample_latent(patcher, positive, negative, [0], latent, steps, cfg["cfg"])
+
+    def captured() -> None:
+        with torch.inference_mode():
+            capture(patcher, positive, negative, words, settings)
+
+    plain(), captured()
+    rows = []
+    for rep in range(cfg["reps_sampling"]):
+        order = (plain, captured) if rep % 2 == 0 else (captured, plain)
+        seconds = {fn.__name__: timed(fn)[0] for fn in order}
+        rows.append({**seconds, "ratio": seconds["captured"] / seconds["plain"]})
+    col = lambda k: [r[k] for r in rows]  # noqa: E731
+    return {
+        "value": r4(med(col("ratio"))),
+        "clock": TIMER["name"],
+        "what": (f"one {steps}-step {cfg['sampler']} sampling run at CFG {cfg['cfg']} with the Attention Map Viewer's "
+                 f"capture on ({len(words)} words, every cross-attention layer) over the same run without it, on the "
+                 f"small SD1.5-layout model at {res} px; target <= 1.5 on CPU"),
+        "method": f"runs interleaved, alternating order; median over {cfg['reps_sampling']} reps of the per-rep ratio",
+        "plain_s": spread(col("plain")),
+        "captured_s": spread(col("captured")),
+        "reps": rows,
+    }
 
 
 # --- figure 2: sampling with stacked patches --------------------------------------------
@@ -608,6 +717,8 @@ def main() -> int:
         "scheduler": "normal",
         "cfg": 7.0,
         "reps_full": 3,
+        "inversion_steps_long": 40,
+        "reps_inversion": 3,
         "clock": TIMER["name"],
         "clock_why": ("on a CPU-only machine the CPUs are usually shared (here with other engineers' jobs), and "
                       "wall time then varies several-fold within minutes; the CPU time of a single-threaded "
@@ -634,6 +745,12 @@ def main() -> int:
     t = time.perf_counter()
     results["patch_bytes_per_concept"] = bench_patch_bytes(pack, cfg, trained)
     seconds["patch_bytes_per_concept"] = time.perf_counter() - t
+    t = time.perf_counter()
+    results["inversion_step_over_sampling_step"] = bench_inversion_vs_sample(pack, cfg)
+    seconds["inversion_step_over_sampling_step"] = time.perf_counter() - t
+    t = time.perf_counter()
+    results["sampling_with_capture"] = bench_capture_vs_sample(pack, cfg)
+    seconds["sampling_with_capture"] = time.perf_counter() - t
     t = time.perf_counter()
     if torch.cuda.is_available():
         results["seconds_per_concept_sd15_512"] = bench_full_size(pack, cfg)
@@ -662,6 +779,8 @@ def print_summary(results: dict) -> None:
     f2 = results["sampling_with_patches"]
     f3 = results["patch_bytes_per_concept"]
     f4 = results["seconds_per_concept_sd15_512"]
+    f5 = results["inversion_step_over_sampling_step"]
+    f6 = results["sampling_with_capture"]
     print(f"\nSummary (clock: {results['config']['clock']})")
     print(f"  1. train step / sampling step: {f1['value']}x  (train step {f1['train_step_s']['median'] * 1000:.0f} ms, "
           f"sampling step {f1['sampling_step_s']['median'] * 1000:.0f} ms, set-up {f1['setup_s']['median']:.1f} s; "
@@ -676,6 +795,9 @@ def print_summary(results: dict) -> None:
         print(f"  4. seconds per concept, SD1.5 512 px: null ({f4['reason'].split(';')[0]})")
     else:
         print(f"  4. seconds per concept, SD1.5 512 px: {f4['value']} s (target < {f4['target_s']} s)")
+    print(f"  5. inversion step / sampling step: {f5['value']}x  (inversion step "
+          f"{f5['inversion_step_s']['median'] * 1000:.0f} ms, set-up {f5['setup_s']['median']:.1f} s)")
+    print(f"  6. sampling with attention capture / without: {f6['value']}x (target <= 1.5 on CPU)")
 
 
 if __name__ == "__main__":
