@@ -14,7 +14,17 @@ Training sees the pack's category templates ("a photo of {}", ...) and eight ren
 images of each concept; evaluation uses the world's own prompts ("a portrait of ...",
 "a {object} in the style of {style}") and seeds 9000+, so both are held out.
 
-Writes bench/quality.json and bench/QUALITY.md (the README's table). About 15 minutes on
+Concept Inversion and M-Score (`--no-inversion` skips them):
+
+- recovery: each concept's eight images inverted from a generic word ("person",
+  "object", "style") through the original model; the oracle's detection rate in samples
+  of the concept's template with the learned tokens (seeds 9000+), before which the
+  generic word alone draws the concept in (nearly) none;
+- M-Score (fmn_core/mscore.py) of every concept through the original model; after each
+  single-concept pack-defaults run, of the forgotten concept; after the three-concept run,
+  of all twelve (so a forgotten concept's drop can be set beside the kept ones').
+
+Writes bench/quality.json and bench/QUALITY.md (the README's table). About 30 minutes on
 2 CPU cores. `--runs` picks runs by name, `--recipe NAME=JSON` adds or overrides a
 recipe (ForgetConfig fields), to compare settings quickly.
 """
@@ -107,6 +117,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="half the evaluation seeds (for comparing settings)")
     ap.add_argument("--weights", default=None, help="a ToyBench weights folder other than the shipped one")
+    ap.add_argument("--no-inversion", action="store_true", help="skip the Concept Inversion and M-Score measurements")
     args = ap.parse_args(argv)
     keep = 2 if args.quick else 1
     seeds = (list(SEEDS_IDENTITY[:len(SEEDS_IDENTITY) // keep]), list(SEEDS_SCENE[:len(SEEDS_SCENE) // keep]))
@@ -131,7 +142,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     base = rates(toy[0], toy, oracle_net, seeds)
     print(f"base detection ({time.perf_counter() - t0:.0f}s): {json.dumps({k: round(v, 3) for k, v in base.items()})}", flush=True)
-    results = []
+    results, patched_models = [], {}
     for run_name in chosen:
         lines = all_runs[run_name]
         forgotten = [c.text for c in parse_concepts("\n".join(lines))]
@@ -143,17 +154,53 @@ def main(argv=None) -> None:
                      "loss_first_last": [round(out["result"].losses[0], 4), round(out["result"].losses[-1], 4)],
                      **score(base, after, forgotten), "after": {k: round(v, 3) for k, v in after.items()}}
             results.append(entry)
+            if recipe_name == "pack defaults":
+                patched_models[run_name] = out["patched"]
             print(f"{run_name:22s} {recipe_name:14s} erased {entry['erased_before']:.2f}->{entry['erased_after']:.2f} "
                   f"kept {entry['kept']:.3f} H {entry['H']:.3f} ({entry['seconds_per_concept']:.1f} s/concept, "
                   f"{entry['patch_bytes']:,} B, worst kept: {entry['worst_kept']})", flush=True)
     report = {"measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "seeds_identity": seeds[0], "seeds_scene": seeds[1], "images_per_concept": IMAGES_PER_CONCEPT,
               "recipes": recipes, "base": {k: round(v, 4) for k, v in base.items()}, "results": results}
+    if not args.no_inversion:
+        report["inversion"] = inversion_report(toy, oracle_net, patched_models, all_runs, seeds[0])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     if not args.runs and not args.only_recipes:
         (OUT / "QUALITY.md").write_text(markdown(report))
     print(f"wrote {args.out} ({time.perf_counter() - t0:.0f}s)")
+
+
+def inversion_report(toy, oracle_net, patched_models: dict, all_runs: dict, seeds: list[int]) -> dict:
+    """Recovery from a generic word, and M-Score before/after the pack-defaults runs."""
+    import torch
+    from fmn_pack.fmn_core.mscore import m_scores
+    from fmn_pack.toybench import probes, world
+    mp, clip, vae = toy
+    recovery, before = {}, {}
+    with torch.inference_mode():
+        for concept in world.CONCEPTS:
+            t = time.perf_counter()
+            rate, result = probes.recovery_rate(mp, clip, vae, oracle_net, concept, seeds, **probes.RECOVERY)
+            start = probes.sample_rate(mp, clip, vae, oracle_net, concept, result.initial, seeds)
+            recovery[concept] = {"from": probes.GENERIC_INIT[probes.category(concept)], "detection_initial": round(start, 3),
+                                 "detection_learned": round(rate, 3), "seconds": round(time.perf_counter() - t, 1)}
+            print(f"recovery {concept:14s} {start:.2f} -> {rate:.2f}", flush=True)
+
+        def score(model, concept: str) -> float:
+            config = probes.config_for(concept, **probes.M_SCORE)
+            return m_scores([("model", model)], clip, probes.concept_latents(mp, vae, concept), concept, config)[0].score
+
+        before = {c: round(score(mp, c), 4) for c in world.CONCEPTS}
+        print(f"M-Score before: {json.dumps(before)}", flush=True)
+        after = {}
+        for run_name, model in patched_models.items():
+            forgotten = [line.split("|")[0].strip() for line in all_runs[run_name]]
+            measured = world.CONCEPTS if run_name == "three concepts" else forgotten
+            after[run_name] = {c: round(score(model, c), 4) for c in measured}
+            print(f"M-Score after {run_name}: {json.dumps(after[run_name])}", flush=True)
+    return {"recovery_settings": probes.RECOVERY, "m_score_settings": probes.M_SCORE, "templates": probes.TEMPLATES,
+            "recovery_seeds": seeds, "recovery": recovery, "m_score_before": before, "m_score_after": after}
 
 
 def markdown(report: dict) -> str:
@@ -162,6 +209,16 @@ def markdown(report: dict) -> str:
     for r in report["results"]:
         rows.append(f"| {r['run']} | {r['recipe']} | {r['erased_before']:.2f} -> {r['erased_after']:.2f} | "
                     f"{r['kept']:.3f} | **{r['H']:.3f}** | {r['seconds_per_concept']:.1f} | {r['patch_bytes']:,} |")
+    inv = report.get("inversion")
+    if inv:
+        rows += ["", "| concept | recovery: generic word -> learned tokens | M-Score before | after forgetting it alone "
+                 "| after the three-concept run |", "|---|---|---|---|---|"]
+        three = inv["m_score_after"].get("three concepts", {})
+        for concept, rec in inv["recovery"].items():
+            alone = inv["m_score_after"].get(concept, {}).get(concept)
+            cells = [f"{alone:.3f}" if alone is not None else "-", f"{three[concept]:.3f}" if concept in three else "-"]
+            rows.append(f"| {concept} | {rec['detection_initial']:.2f} -> {rec['detection_learned']:.2f} | "
+                        f"{inv['m_score_before'][concept]:.3f} | {cells[0]} | {cells[1]} |")
     return "\n".join(rows) + "\n"
 
 
