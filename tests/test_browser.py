@@ -1,0 +1,226 @@
+"""The Attention Map Viewer's frontend extension (web/attention_maps.js) in a real headless
+Chromium against the real ComfyUI server: the shipped attention_maps workflow is loaded into
+the graph and queued from the page as a user does (with fewer steps, for CPU time),
+and the grid the extension draws on the node is checked against the node's UI message in the
+server's history.
+
+Needs Debian's chromium and chromium-driver (scripts/setup_host.sh installs them). The network is
+closed, so the browser runs with everything that phones home switched off.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+import requests
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
+
+from comfy_server import PACK_DIR_NAME, ComfyServer, running_server
+
+pytestmark = pytest.mark.server
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOW = REPO / "workflows" / "attention_maps.json"
+ARTIFACTS = REPO / "out" / "test-artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1600,1000")
+VIEWER = "FMN_AttentionMapViewer"
+WORDS = ["star", "style", "neon"]  # the content words of the workflow's "a star in the style of neon"
+MODELS = ["before", "after"]
+PAGE_TIMEOUT_S = 120.0
+# The shipped workflow trains 100 steps, then the viewer samples 20 steps per model: 5 to 15
+# minutes on 2 busy CPU cores. The grid is the same with fewer steps of each.
+FEWER_STEPS = {"FMN_ForgetTrain": 10, VIEWER: 4}
+RUN_TIMEOUT_S = 600.0
+IMAGE_TIMEOUT_S = 30.0
+POLL_S = 1.0
+# What the stock front end (1.32.9) logs on every start-up here, with or without this pack
+# (checked with the pack's extension blocked): failed loads of the favicon ComfyUI does not
+# serve, of optional files a fresh user does not have (user.css, saved workflows, templates),
+# and of the registry at api.comfy.org, which a closed network cannot reach; and a TypeError
+# from its graph view storing a render-mode setting before the setting is registered.
+EXPECTED_FAILED_LOAD = re.compile(r"^(https://api\.comfy\.org/|http://127\.0\.0\.1:\d+/(favicon\.ico|user\.css|api/userdata[/?]))"
+                                  r"\S* - Failed to load resource")
+STOCK_SETTING_RACE = "TypeError: Cannot read properties of undefined (reading 'id')\n    at onChange ("
+
+CELLS_JS = """return [...document.querySelectorAll('.fmn-attention-cell')].map(cell => ({
+  word: cell.dataset.word, model: cell.dataset.model,
+  caption: cell.querySelector('.fmn-attention-word').textContent,
+  src: cell.querySelector('img').src}))"""
+SET_WIDGET_JS = """const [type, name, value] = arguments;
+const node = window.comfyAPI.app.app.graph.nodes.find(n => n.type === type);
+node.widgets.find(w => w.name === name).value = value;"""
+IMAGES_LOADED_JS = """const images = [...document.querySelectorAll('.fmn-attention-grid img')];
+return images.length > 0 && images.every(img => img.complete && img.naturalWidth > 0)"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> ComfyServer:
+    with running_server(tmp_path_factory.mktemp("comfyui")) as running:
+        # A fresh user is greeted by the templates dialog, which would cover the canvas.
+        requests.post(f"{running.url}/api/settings/Comfy.TutorialCompleted", json=True, timeout=30).raise_for_status()
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory) -> WebDriver:
+    missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.is_file()]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} not found: run the set-up, `bash scripts/setup_host.sh` (`make test` "
+                    "runs it), which installs Debian's chromium and chromium-driver")
+    options = Options()
+    options.binary_location = str(CHROMIUM)
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def frontend(server: ComfyServer, browser: WebDriver) -> WebDriver:
+    """The front end open in the browser, once it knows the viewer node."""
+    browser.get(server.url)
+    WebDriverWait(browser, PAGE_TIMEOUT_S, POLL_S).until(
+        lambda d: d.execute_script(f"return !!(window.comfyAPI?.app?.app?.graph && "
+                                   f"window.LiteGraph?.registered_node_types?.{VIEWER})"),
+        f"the front end did not register {VIEWER} within {PAGE_TIMEOUT_S:.0f} s")
+    return browser
+
+
+@pytest.fixture(scope="module")
+def ui_message(server: ComfyServer, frontend: WebDriver) -> list[dict]:
+    """Load the shipped workflow, lower its step counts, queue it from the page and wait for
+    the grid on the node; the viewer's `fmn_attention` UI message as the server's history
+    recorded it."""
+    workflow = json.loads(WORKFLOW.read_text())
+    frontend.execute_script("return window.comfyAPI.app.app.loadGraphData(arguments[0])", workflow)
+    for node_type, steps in FEWER_STEPS.items():
+        frontend.execute_script(SET_WIDGET_JS, node_type, "steps", steps)
+    frontend.execute_script("return window.comfyAPI.app.app.queuePrompt(0)")
+    entry = wait_for_grid(server, frontend)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    frontend.save_screenshot(str(ARTIFACTS / "attention_maps.png"))
+    (viewer_id,) = [str(node["id"]) for node in workflow["nodes"] if node["type"] == VIEWER]
+    return entry["outputs"][viewer_id]["fmn_attention"]
+
+
+def wait_for_grid(server: ComfyServer, browser: WebDriver) -> dict:
+    """The finished history entry, once the grid is drawn; fail at once if the run failed."""
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        entry = finished_entry(server)
+        if entry is not None and browser.find_elements(By.CSS_SELECTOR, ".fmn-attention-grid"):
+            return entry
+        time.sleep(POLL_S)
+    pytest.fail(f"no attention grid on the node within {RUN_TIMEOUT_S:.0f} s\n"
+                f"--- server log tail ---\n{server.log_text()[-4000:]}")
+
+
+def finished_entry(server: ComfyServer) -> dict | None:
+    """The prompt's history entry once it has finished; None while it runs (a server busy
+    sampling on a loaded CPU may take longer than a request's timeout to answer)."""
+    if server.process.poll() is not None:
+        pytest.fail(f"the server exited with {server.process.returncode}\n{server.log_text()[-4000:]}")
+    try:
+        history = list(server.get("/history").values())
+    except TimeoutError:
+        return None
+    assert len(history) <= 1, "this module queues one prompt"
+    if not history or history[0]["status"].get("completed") is None:
+        return None
+    status = history[0]["status"]
+    assert status["status_str"] == "success", json.dumps(status["messages"])[-4000:]
+    return history[0]
+
+
+def shown_cells(browser: WebDriver) -> list[dict]:
+    return browser.execute_script(CELLS_JS)
+
+
+def served_file(src: str) -> dict:
+    """The file reference a /api/view URL asks for."""
+    query = parse_qs(urlparse(src).query)
+    return {key: query.get(key, [""])[0] for key in ("filename", "subfolder", "type")}
+
+
+def wait_for_images(browser: WebDriver) -> None:
+    WebDriverWait(browser, IMAGE_TIMEOUT_S, POLL_S / 4).until(
+        lambda d: d.execute_script(IMAGES_LOADED_JS), f"map images not all loaded within {IMAGE_TIMEOUT_S:.0f} s")
+
+
+def test_extension_is_served(server: ComfyServer) -> None:
+    assert f"/extensions/{PACK_DIR_NAME}/attention_maps.js" in server.get("/extensions")
+
+
+def test_grid_shows_one_map_per_word_and_model_as_the_node_reported(browser: WebDriver, ui_message: list[dict]) -> None:
+    assert [(m["model"], m["word"]) for m in ui_message] == [(model, word) for model in MODELS for word in WORDS]
+    cells = shown_cells(browser)
+    assert [(c["model"], c["word"]) for c in cells] == [(m["model"], m["word"]) for m in ui_message]
+    assert [c["caption"] for c in cells] == [c["word"] for c in cells]
+    assert [served_file(c["src"]) for c in cells] == [
+        {"filename": m["filename"], "subfolder": m["subfolder"], "type": m["type"]} for m in ui_message]
+
+
+def test_every_map_image_loads(browser: WebDriver, ui_message: list[dict]) -> None:
+    wait_for_images(browser)
+
+
+def test_before_and_after_each_have_a_headed_column(browser: WebDriver, ui_message: list[dict]) -> None:
+    columns = browser.find_elements(By.CSS_SELECTOR, ".fmn-attention-grid .fmn-attention-column")
+    assert [c.get_attribute("data-model") for c in columns] == MODELS
+    assert [c.find_element(By.CSS_SELECTOR, ".fmn-attention-heading").text.lower() for c in columns] == MODELS
+    for column, model in zip(columns, MODELS):
+        words = [cell.get_attribute("data-word") for cell in column.find_elements(By.CSS_SELECTOR, ".fmn-attention-cell")]
+        assert words == WORDS, model
+
+
+def test_clicking_a_map_enlarges_it_until_clicked_or_escaped(browser: WebDriver, ui_message: list[dict]) -> None:
+    wait_for_images(browser)
+    cell = browser.find_element(By.CSS_SELECTOR, '.fmn-attention-cell[data-word="star"][data-model="after"]')
+    cell.click()
+    zoom = browser.find_element(By.CSS_SELECTOR, ".fmn-attention-zoom")
+    assert (zoom.get_attribute("data-word"), zoom.get_attribute("data-model")) == ("star", "after")
+    WebDriverWait(browser, IMAGE_TIMEOUT_S, POLL_S / 4).until(
+        lambda d: d.execute_script("return document.querySelector('.fmn-attention-zoom img').naturalWidth > 0"))
+    large, small = (e.find_element(By.TAG_NAME, "img").size["width"] for e in (zoom, cell))
+    assert large > 2 * small, (large, small)
+    browser.save_screenshot(str(ARTIFACTS / "attention_maps_zoom.png"))
+    zoom.click()
+    assert not browser.find_elements(By.CSS_SELECTOR, ".fmn-attention-zoom")
+
+    cell.click()
+    browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+    assert not browser.find_elements(By.CSS_SELECTOR, ".fmn-attention-zoom")
+
+
+def unexpected(entry: dict) -> bool:
+    """An error or warning that is not the stock front end's start-up noise (see above)."""
+    if entry["level"] not in ("SEVERE", "WARNING"):
+        return False
+    message = entry["message"]
+    if entry["source"] == "network" and EXPECTED_FAILED_LOAD.match(message):
+        return False
+    return not (entry["source"] == "console-api" and STOCK_SETTING_RACE in message and "/extensions/" not in message)
+
+
+def test_console_has_no_errors_or_warnings(browser: WebDriver, ui_message: list[dict]) -> None:
+    """Everything logged since the page opened: start-up, the extension loading, the run,
+    the grid and (when the tests above ran) the zoom."""
+    assert not [e for e in browser.get_log("browser") if unexpected(e)]
