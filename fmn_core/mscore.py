@@ -96,8 +96,7 @@ def image_similarity(model, encoder: TextEncoder, prompts: Prompts, rows: torch.
     rows and of the anchor images (decoded from their latents)."""
     if vae is None:
         raise ValueError("the image-space M-Score needs the VAE to decode images: connect it")
-    before, after = prompts.parts[0]
-    context = encoder.context(encoder.chunk(before, rows, after)[0][None])
+    context = prompts.contexts(encoder, rows, [0])
     samples = host.sample(model, context, encoder.empty_context(), [seed + i for i in range(count)], tuple(latents.shape[1:]))
     generated = host.vision_embeds(vision, host.decode(vae, samples)).mean(0)
     anchors = host.vision_embeds(vision, host.decode(vae, host.process_latent_out(model, latents))).mean(0)

@@ -46,7 +46,6 @@ def recovery_rate(mp, clip, vae, oracle_net, concept: str, seeds: list[int], **s
 def sample_rate(mp, clip, vae, oracle_net, concept: str, rows: torch.Tensor, seeds: list[int]) -> float:
     """Oracle detection of `concept` in samples of its template with `rows` in the {} slot."""
     encoder = TextEncoder(host.text_encoder_spec(clip))
-    before, after = Prompts(clip, (TEMPLATES[category(concept)],)).parts[0]
-    context = encoder.context(encoder.chunk(before, rows, after)[0][None])
+    context = Prompts(clip, (TEMPLATES[category(concept)],)).contexts(encoder, rows, [0])
     latents = host.sample(mp, context, encoder.empty_context(), seeds, (4, world.SIZE // 8, world.SIZE // 8))
     return float(O.detects(oracle_net.predict(host.decode(vae, latents)), concept).float().mean())
