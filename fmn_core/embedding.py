@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .files import atomic_write
+from .files import atomic_write, safe_filename
 
 
 @dataclass
@@ -18,6 +19,12 @@ class Embedding:
     vectors: torch.Tensor
     key: str  # "clip_l" (SD1) or "clip_h" (SD2): what the host's loader reads for that encoder
     metadata: dict[str, str] = field(default_factory=dict)
+
+
+def embedding_filename(name: str) -> str:
+    """A safe file name that also works as `embedding:NAME` in a prompt, where the host's
+    tokenizer ends the name at the first space."""
+    return safe_filename(re.sub(r"\s+", "_", name.strip()), ".safetensors")
 
 
 def save_embedding(embedding: Embedding, path: Path, overwrite: bool = False) -> Path:

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+
+from .safetensors_check import load_checked
 
 ATTN2_NAME = re.compile(
     r"^diffusion_model\.(input_blocks|middle_block|output_blocks)\.(?:(\d+)\.)?\d+\.transformer_blocks\.(\d+)\.attn2$"
@@ -82,20 +85,103 @@ def weight_shapes(patcher, keys: list[str]) -> dict[str, tuple[int, ...]]:
 # --- text -------------------------------------------------------------------------
 
 
+def checked_tokens(clip, text: str) -> dict:
+    """`clip.tokenize(text)` after checking every `embedding:NAME` in it (`check_embeddings`)."""
+    check_embeddings(clip, text)
+    return clip.tokenize(text)
+
+
 def tokenize(clip, text: str) -> list[list]:
     """Token chunks of the prompt as the UNet context will see them (ints or embedding tensors).
 
     SDXL tokenizes identically for both encoders positions-wise, so the first encoder's
     chunks locate tokens for the concatenated context.
     """
-    tokens = clip.tokenize(text)
+    tokens = checked_tokens(clip, text)
     chunks = tokens[sorted(tokens)[0]]
     return [[entry[0] for entry in chunk] for chunk in chunks]
 
 
-def special_tokens(clip) -> dict[str, int | None]:
+def _inner_tokenizer(clip):
     tokenizer = clip.tokenizer
-    inner = getattr(tokenizer, getattr(tokenizer, "clip", ""), None) or tokenizer
+    return getattr(tokenizer, getattr(tokenizer, "clip", ""), None) or tokenizer
+
+
+def embedding_references(clip, text: str) -> list[tuple[str, str | None]]:
+    """(name, file) for every `embedding:NAME` the host's tokenizer will look up in `text`,
+    the file chosen as its loader chooses (None: not found). Mirrors
+    `SDTokenizer.tokenize_with_weights` and `load_embed`, which offer no lookup of their own."""
+    import comfy.sd1_clip as sd1
+
+    inner = _inner_tokenizer(clip)
+    directories = getattr(inner, "embedding_directory", None)
+    if directories is None:
+        return []
+    ident = inner.embedding_identifier
+    references = []
+    for segment, _ in sd1.token_weights(sd1.escape_important(text), 1.0):
+        words = re.split(" {0}|\n{0}".format(ident), sd1.unescape_important(segment))
+        for word in [words[0]] + [ident + w for w in words[1:]]:
+            if not word.startswith(ident):
+                continue
+            names = word[len(ident):].strip("\n").split()[:1]
+            if not names:
+                raise ValueError(f"{ident} without a name in {text!r}: write {ident}NAME")
+            name = names[0]
+            path = _embedding_file(name, directories)
+            if path is None and name.strip(",") != name:  # the host's second try
+                name = name.strip(",")
+                path = _embedding_file(name, directories)
+            references.append((name, path))
+    return references
+
+
+def _embedding_file(name: str, directories) -> str | None:
+    import comfy.sd1_clip as sd1
+
+    for folder in sd1.expand_directory_list([directories] if isinstance(directories, str) else directories):
+        folder = os.path.abspath(folder)
+        path = os.path.abspath(os.path.join(folder, name))
+        try:
+            if os.path.commonpath((folder, path)) != folder:
+                continue
+        except ValueError:
+            continue
+        for candidate in (path, path + ".safetensors", path + ".pt", path + ".bin"):
+            if os.path.isfile(candidate):
+                return candidate
+    return None
+
+
+_CHECKED_EMBEDDINGS: dict[tuple, None] = {}
+
+
+def check_embeddings(clip, text: str) -> None:
+    """Refuse, with the file and the fix, any embedding `text` names that the pack cannot
+    trust: missing, pickle-based (.pt/.bin: never unpickled), malformed, non-finite, or
+    made for another text encoder width. The host itself skips such files with a log line
+    and drops the words, which would silently change what a node trains or measures."""
+    inner = _inner_tokenizer(clip)
+    width, key = getattr(inner, "embedding_size", None), getattr(inner, "embedding_key", None)
+    for name, path in embedding_references(clip, text):
+        if path is None:
+            raise ValueError(f"embedding:{name} was not found in the embeddings folder(s) {inner.embedding_directory}: "
+                             f"put {name}.safetensors there or correct the name")
+        stat = os.stat(path)
+        token = (path, stat.st_mtime_ns, stat.st_size, width, key)
+        if token in _CHECKED_EMBEDDINGS:
+            continue
+        tensors, _ = load_checked(path, "embedding")
+        rows = tensors.get(key, next(iter(tensors.values()), None))
+        if rows is None or rows.ndim == 0 or rows.shape[-1] != width or rows.numel() == 0:
+            shape = None if rows is None else tuple(rows.shape)
+            raise ValueError(f"embedding:{name} ({os.path.basename(path)}) holds {shape}, not rows of width {width} for "
+                             f"this text encoder ({key}): it was made for another model family")
+        _CHECKED_EMBEDDINGS[token] = None
+
+
+def special_tokens(clip) -> dict[str, int | None]:
+    inner = _inner_tokenizer(clip)
     return {
         "start": getattr(inner, "start_token", None),
         "end": getattr(inner, "end_token", None),
@@ -112,7 +198,7 @@ def text_encoder_state(clip) -> tuple[torch.nn.Module, tuple]:
 
 def encode(clip, text: str) -> torch.Tensor:
     """Conditioning context [1, tokens, dim] of one prompt, as a normal (non-inference) tensor."""
-    cond = clip.encode_from_tokens(clip.tokenize(text))
+    cond = clip.encode_from_tokens(checked_tokens(clip, text))
     return cond.detach().clone().float()
 
 
@@ -124,7 +210,7 @@ def encode_many(clip, prompts: list[str]) -> torch.Tensor:
     """
     joined: dict[str, list] = {}
     for prompt in prompts:
-        tokens = clip.tokenize(prompt)
+        tokens = checked_tokens(clip, prompt)
         for key, chunks in tokens.items():
             if len(chunks) != 1:
                 raise ValueError(f"encode_many takes one-chunk prompts; {prompt[:40]!r}... has {len(chunks)}")
@@ -303,7 +389,7 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
 
 def conditioning(clip, text: str) -> list:
     """CONDITIONING of a prompt, as CLIPTextEncode builds it."""
-    cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    cond, pooled = clip.encode_from_tokens(checked_tokens(clip, text), return_pooled=True)
     return [[cond, {"pooled_output": pooled}]]
 
 

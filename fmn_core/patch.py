@@ -2,27 +2,27 @@
 
 The file loads unchanged through the host's stock `LoraLoaderModelOnly`; applying it
 here goes through the same host function, so both yield the same weights. Loading never
-unpickles: the header is parsed and checked by hand before safetensors reads tensors.
+unpickles: the header is checked by hand before safetensors reads tensors
+(`safetensors_check.py`).
 """
 from __future__ import annotations
 
 import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import host
 from .files import atomic_write
 from .lora import FULL_RANK
+from .safetensors_check import load_checked
 
 SUFFIXES = (".lora_up.weight", ".lora_down.weight", ".alpha")
-ALLOWED_DTYPES = {"F16", "F32", "BF16"}
-MAX_HEADER = 16 * 1024 * 1024
 STRENGTH_RANGE = (-10.0, 10.0)
+LIST_FIELDS = ("fmn.concepts", "fmn.categories", "fmn.anchors")
 
 
 @dataclass
@@ -49,54 +49,9 @@ def save_patch(patch: ForgetPatch, path: Path, overwrite: bool = False) -> Path:
     return atomic_write(Path(path), lambda tmp: save_file(patch.lora, tmp, metadata=patch.metadata), overwrite)
 
 
-def read_header(path: str | os.PathLike) -> dict:
-    """The safetensors JSON header, validated for size, dtypes and offsets."""
-    name = os.fspath(path)
-    if not name.endswith(".safetensors"):
-        raise ValueError(f"{os.path.basename(name)} is not a .safetensors file: forget patches are only read from safetensors")
-    size = os.path.getsize(name)
-    with open(name, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise ValueError(f"{os.path.basename(name)} is too short to be a safetensors file ({size} bytes)")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > min(MAX_HEADER, size - 8):
-            raise ValueError(f"{os.path.basename(name)} declares a {length}-byte header in a {size}-byte file: corrupt or not safetensors")
-        try:
-            header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{os.path.basename(name)} has an unreadable header ({e}): corrupt or not safetensors") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{os.path.basename(name)} has a malformed header (not an object)")
-    _check_entries(os.path.basename(name), header, size - 8 - length)
-    return header
-
-
-def _check_entries(name: str, header: dict, data_size: int) -> None:
-    meta = header.get("__metadata__", {})
-    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise ValueError(f"{name}: metadata must map strings to strings")
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        if not isinstance(entry, dict) or entry.get("dtype") not in ALLOWED_DTYPES:
-            raise ValueError(f"{name}: tensor {key!r} has dtype {entry.get('dtype') if isinstance(entry, dict) else entry!r}; "
-                             f"patches hold only {', '.join(sorted(ALLOWED_DTYPES))}")
-        shape, offsets = entry.get("shape"), entry.get("data_offsets")
-        if (not isinstance(shape, list) or len(shape) > 2 or not all(isinstance(d, int) and d >= 0 for d in shape)
-                or not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)):
-            raise ValueError(f"{name}: tensor {key!r} has a malformed shape or offsets")
-        width = 4 if entry["dtype"] == "F32" else 2
-        count = shape[0] * shape[1] if len(shape) == 2 else (shape[0] if shape else 1)
-        if not 0 <= offsets[0] <= offsets[1] <= data_size or offsets[1] - offsets[0] != count * width:
-            raise ValueError(f"{name}: tensor {key!r} declares shape {shape} that does not fit its data")
-
-
 def load_patch(path: str | os.PathLike) -> ForgetPatch:
     """Read and validate a patch file; never unpickles."""
-    header = read_header(path)
-    lora = load_file(os.fspath(path))
-    patch = ForgetPatch(lora, dict(header.get("__metadata__", {})))
+    patch = ForgetPatch(*load_checked(path, "forget patch"))
     problems = structure_problems(patch)
     if problems:
         raise ValueError(f"{os.path.basename(os.fspath(path))} is not a valid forget patch: " + "; ".join(problems))
@@ -117,9 +72,27 @@ def structure_problems(patch: ForgetPatch) -> list[str]:
             problems.append(f"{module} lacks its lora_up or lora_down weight")
         elif up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0]:
             problems.append(f"{module}: lora_up {tuple(up.shape)} and lora_down {tuple(down.shape)} disagree on rank")
+        alpha = patch.lora.get(f"{module}.alpha")
+        if alpha is not None and alpha.numel() != 1:
+            problems.append(f"{module}.alpha holds {alpha.numel()} values, not one")
     bad = [k for k, v in patch.lora.items() if not torch.isfinite(v.float()).all()]
     if bad:
         problems.append(f"non-finite values in {bad[:3]}")
+    return problems + metadata_problems(patch.metadata)
+
+
+def metadata_problems(metadata: dict[str, str]) -> list[str]:
+    """The header fields the pack reads back must hold what it wrote: JSON lists of strings."""
+    problems = []
+    for key in LIST_FIELDS:
+        if key not in metadata:
+            continue
+        try:
+            value = json.loads(metadata[key])
+        except (json.JSONDecodeError, RecursionError):
+            value = None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            problems.append(f"metadata {key} is not a JSON list of strings")
     return problems
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import folder_paths
 
 from ..fmn_core import host
-from ..fmn_core.embedding import Embedding, describe, save_embedding
-from ..fmn_core.files import inside, safe_filename
+from ..fmn_core.embedding import Embedding, describe, embedding_filename, save_embedding
+from ..fmn_core.files import inside
 from ..fmn_core.inversion import DEFAULT_TEMPLATE, InversionConfig, invert
 from ..fmn_core.latents import input_latents
 
@@ -68,7 +68,7 @@ class ConceptInversion:
     def VALIDATE_INPUTS(cls, name=None, templates=None, **_):
         try:
             if isinstance(name, str):
-                safe_filename(name, ".safetensors")
+                embedding_filename(name)
             if isinstance(templates, str):
                 config_from(templates).validate()
         except ValueError as e:
@@ -80,7 +80,7 @@ class ConceptInversion:
         config = config_from(templates, num_tokens=num_tokens, steps=steps, learning_rate=learning_rate, seed=seed,
                              batch_size=batch_size)
         config.validate()
-        path = inside(folder_paths.get_folder_paths("embeddings")[0], safe_filename(name, ".safetensors"))
+        path = inside(folder_paths.get_folder_paths("embeddings")[0], embedding_filename(name))
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path.name} already exists in {path.parent}: pick another name or enable overwrite")
         samples = input_latents(model, images, vae, latent)

@@ -72,7 +72,8 @@ class ComfyServer:
                                          headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
-                return json.loads(response.read())
+                body = response.read()
+                return json.loads(body) if body else None  # /interrupt answers with an empty 200
         except urllib.error.HTTPError as e:
             raise ServerError(f"POST {path} -> {e.code}: {e.read().decode(errors='replace')[:4000]}") from None
 
@@ -151,13 +152,13 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def running_server(base: Path, checkpoint: Path | None = None) -> Iterator[ComfyServer]:
-    """Start `main.py --cpu` on a free local port in `base`; always stop it on exit."""
+def running_server(base: Path, checkpoint: Path | None = None, extra_args: tuple[str, ...] = ()) -> Iterator[ComfyServer]:
+    """Start `main.py --cpu` (plus `extra_args`) on a free local port in `base`; always stop it on exit."""
     prepare_base(base, checkpoint)
     port = free_port()
     log_path = base / "server.log"
     command = [sys.executable, str(HOST / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-               "--base-directory", str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]
+               "--base-directory", str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch", *extra_args]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "PYTHONUNBUFFERED": "1"}
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(command, cwd=HOST, stdout=log_file, stderr=subprocess.STDOUT, env=env)

@@ -44,3 +44,13 @@ pack = _import_pack()
 def fmn():
     """The pack imported as ComfyUI imports it."""
     return pack
+
+
+@pytest.fixture
+def embeddings_folder(tmp_path):
+    """The host's embeddings folder pointed at an empty temporary one for one test."""
+    import folder_paths
+    saved = folder_paths.folder_names_and_paths["embeddings"]
+    folder_paths.folder_names_and_paths["embeddings"] = ([str(tmp_path)], saved[1])
+    yield tmp_path
+    folder_paths.folder_names_and_paths["embeddings"] = saved

@@ -7,6 +7,7 @@ import comfy.sample
 import folder_paths
 import host_models as hm
 from attention_checks import RESOLUTION
+from leak_checks import host_state
 from fmn_pack.fmn_core import host
 from fmn_pack.fmn_core.attention import ColumnEnergy, attention_probs, make_attn2_replace
 from fmn_pack.fmn_core.patch import load_patch
@@ -27,18 +28,6 @@ def sample(model, clip, seed=5):
         latent = torch.zeros(1, 4, RESOLUTION // 8, RESOLUTION // 8)
         noise = comfy.sample.prepare_noise(latent, seed)
         return comfy.sample.sample(model, noise, 2, 5.0, "euler", "normal", cond, cond, latent, seed=seed)
-
-
-def host_state(model):
-    modules = model.model.modules()
-    return {
-        "patches": dict(model.patches),
-        "options": repr(model.model_options),
-        "wrappers": dict(model.weight_wrapper_patches),
-        "functions": sum(len(getattr(m, "weight_function", [])) + len(getattr(m, "bias_function", [])) for m in modules),
-        "grad": any(p.requires_grad for p in model.model.parameters()),
-        "inference": torch.is_inference_mode_enabled(),
-    }
 
 
 @pytest.fixture(scope="module")
