@@ -5,15 +5,21 @@ The paper names the score but never writes its formula. This is the project's de
 
 1. Invert the concept's anchor images through each model with the same settings: the
    same images, seed, steps, learning rate, prompt template and k rows initialised from
-   the concept's words (`inversion.py`).
+   one neutral word (`init_text`, e.g. "thing"), never the concept's own words
+   (`inversion.py`).
 2. The recovered representation is the mean, over the k learned positions, of the text
    encoder's output context (what the UNet's cross-attention reads) for the template
    with the learned rows in place; the concept's own representation is the mean over its
    word tokens' positions of the context of the template with the words in place.
-3. M-Score = cosine similarity of the two. A model that still knows the concept is best
-   explained by (nearly) the concept's own words: the inversion stays close, the score
-   stays near 1. A model that forgot must be steered through other directions: the score
-   drops. Drop = score(first model) - score(model).
+3. M-Score = cosine similarity of the two. A model that still knows the concept pulls the
+   rows towards the concept's own representation; a model that forgot has silenced that
+   direction, so the images must be explained through others: the score drops.
+   Drop = score(first model) - score(model).
+
+Why a neutral start: started from the concept's words, a patched model that no longer
+attends to them gives those rows almost no gradient, so they stay where they began, next
+to the concept, and the score *rises* after forgetting (measured on ToyBench: ring 0.878
+-> 0.937 started from "ring", 0.175 -> 0.122 started from "thing").
 
 The optional image-space score samples images from each recovered embedding and compares
 the mean CLIP-vision embedding of those images to the anchors' (cosine).
@@ -68,13 +74,13 @@ def recovered_representation(encoder: TextEncoder, prompts: Prompts, rows: torch
 
 
 def m_scores(models: list[tuple[str, object]], clip, latents: torch.Tensor, concept: str, config: InversionConfig,
-             vision=None, vae=None, progress=None) -> list[MScoreRow]:
+             init_text: str, vision=None, vae=None, progress=None) -> list[MScoreRow]:
     """One row per model, in order; the first model is the reference for the drop."""
     if not models:
         raise ValueError("M-Score needs at least one model")
     check_same_architecture(models)
     target = text_representation(clip, config.templates[0], concept)
-    results: list[tuple[str, InversionResult]] = [(label, invert(model, clip, latents, concept, config, progress))
+    results: list[tuple[str, InversionResult]] = [(label, invert(model, clip, latents, init_text, config, progress))
                                                   for label, model in models]
     with torch.inference_mode(False), torch.no_grad():
         encoder = TextEncoder(host.text_encoder_spec(clip))
@@ -103,7 +109,7 @@ def image_similarity(model, encoder: TextEncoder, prompts: Prompts, rows: torch.
     return float(F.cosine_similarity(generated, anchors, dim=0))
 
 
-def table(rows: list[MScoreRow], concept: str, config: InversionConfig) -> str:
+def table(rows: list[MScoreRow], concept: str, config: InversionConfig, init_text: str) -> str:
     """A readable report: one line per model, then the settings that make it reproducible."""
     has_images = any(r.image_similarity is not None for r in rows)
     head = "| model | M-Score | drop | inversion loss |" + (" image sim |" if has_images else "")
@@ -111,6 +117,6 @@ def table(rows: list[MScoreRow], concept: str, config: InversionConfig) -> str:
     for r in rows:
         extra = f" {r.image_similarity:.4f} |" if has_images else ""
         lines.append(f"| {r.label} | {r.score:.4f} | {r.drop:+.4f} | {r.final_loss:.4f} |{extra}")
-    lines += ["", f"settings: template {config.templates[0]!r}, {config.num_tokens} tokens from the concept's words, "
+    lines += ["", f"settings: template {config.templates[0]!r}, {config.num_tokens} tokens from {init_text!r}, "
               f"{config.steps} steps, lr {config.learning_rate}, seed {config.seed}, batch {config.batch_size}"]
     return "\n".join(lines)

@@ -8,13 +8,16 @@ from ..fmn_core.mscore import m_scores, table
 from .inversion import TEMPLATE_TOOLTIP, config_from, settings_inputs
 
 EXTRA_MODELS = ("patched_2", "patched_3")
+INIT_TOOLTIP = ("A neutral word every inversion starts from, not the concept itself: a model that still holds the "
+                "concept pulls the tokens towards it, a model that forgot cannot. Started from the concept's own "
+                "words, a patched model would keep them by not moving them. Keep it the same between comparisons.")
 
 
 class MScore:
     CATEGORY = "Forget-Me-Not"
     DESCRIPTION = ("M-Score: inverts the concept's images through the original model and through each patched "
                    "model with the same settings, and scores how close the recovered tokens stay to the concept's "
-                   "own words (cosine, 1 = fully held). A forgotten concept scores lower after the patch. "
+                   "own words (cosine; higher = more held). A forgotten concept scores lower after the patch. "
                    "Definition in the README.")
     RETURN_TYPES = ("FLOAT", "FLOAT", "FLOAT", "STRING")
     RETURN_NAMES = ("original_score", "patched_score", "drop", "report")
@@ -32,8 +35,9 @@ class MScore:
             "required": {
                 "original": ("MODEL", {"tooltip": "The model before forgetting: the reference."}),
                 "clip": ("CLIP", {"tooltip": "The text encoder shared by the models (SD1.x or SD2.x)."}),
-                "concept": ("STRING", {"default": "Van Gogh", "tooltip": "The concept's words: inversions start from them "
-                                                                          "and are compared with them."}),
+                "concept": ("STRING", {"default": "Van Gogh", "tooltip": "The concept's words: the recovered tokens are "
+                                                                          "compared with them."}),
+                "init_text": ("STRING", {"default": "thing", "tooltip": INIT_TOOLTIP}),
                 **settings_inputs(),
             },
             "optional": {
@@ -49,7 +53,7 @@ class MScore:
             },
         }
 
-    def score(self, original, clip, concept, num_tokens, steps, learning_rate, seed, patched=None, images=None,
+    def score(self, original, clip, concept, init_text, num_tokens, steps, learning_rate, seed, patched=None, images=None,
               vae=None, latent=None, templates=DEFAULT_TEMPLATE, clip_vision=None, **extra):
         config = config_from(templates, num_tokens=num_tokens, steps=steps, learning_rate=learning_rate, seed=seed)
         config.validate()
@@ -58,8 +62,8 @@ class MScore:
         samples = input_latents(original, images, vae, latent)
         if samples is None:
             raise ValueError("M-Score needs the concept's images (with a VAE) or a latent: connect one")
-        rows = m_scores(models, clip, samples, concept, config, vision=clip_vision, vae=vae,
+        rows = m_scores(models, clip, samples, concept, config, init_text, vision=clip_vision, vae=vae,
                         progress=host.Progress(steps * len(models)))
-        report = table(rows, concept, config)
+        report = table(rows, concept, config, init_text)
         second = rows[1] if len(rows) > 1 else rows[0]
         return {"ui": {"text": [report]}, "result": (rows[0].score, second.score, second.drop, report)}

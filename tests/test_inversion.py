@@ -53,7 +53,7 @@ def test_inversion_trains_only_the_new_rows_and_the_file_loads_as_an_embedding(s
     unet_before = {k: v.clone() for k, v in model.model.state_dict().items()}
     clip_before = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
     with torch.inference_mode():
-        result = invert(model, clip, latents(), "van gogh", SMALL)
+        result = invert(model, clip, latents(), "van gogh", SMALL, "painter")
     assert result.vectors.shape == (3, 768) and result.embedding_key == "clip_l"
     assert not torch.equal(result.vectors, result.initial), "the new rows did not move"
     for before, module in ((unet_before, model.model), (clip_before, clip.cond_stage_model)):
@@ -92,8 +92,8 @@ def test_forget_train_targets_exactly_the_embedding_tokens(sd1):
 def test_m_score_is_deterministic_for_a_fixed_seed(sd1):
     model, clip, _ = sd1
     with torch.inference_mode():
-        first = m_scores([("original", model)], clip, latents(), "van gogh", SMALL)
-        second = m_scores([("original", model)], clip, latents(), "van gogh", SMALL)
+        first = m_scores([("original", model)], clip, latents(), "van gogh", SMALL, "painter")
+        second = m_scores([("original", model)], clip, latents(), "van gogh", SMALL, "painter")
     assert first == second
     assert -1 <= first[0].score <= 1 and first[0].drop == 0
 
@@ -101,7 +101,7 @@ def test_m_score_is_deterministic_for_a_fixed_seed(sd1):
 def test_m_score_refuses_models_of_different_architectures(sd1):
     model, clip, _ = sd1
     with torch.inference_mode(), pytest.raises(ValueError, match="one architecture"):
-        m_scores([("original", model), ("sd2", hm.sd2_model())], clip, latents(), "van gogh", SMALL)
+        m_scores([("original", model), ("sd2", hm.sd2_model())], clip, latents(), "van gogh", SMALL, "painter")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -119,15 +119,6 @@ def test_bad_inversion_settings_are_refused(sd1, change, message):
 # --- the nodes, as ComfyUI runs them ---------------------------------------------------
 
 from fmn_pack.nodes import NODE_CLASS_MAPPINGS as NODES  # noqa: E402
-
-
-@pytest.fixture
-def embeddings_folder(tmp_path):
-    import folder_paths
-    saved = folder_paths.folder_names_and_paths["embeddings"]
-    folder_paths.folder_names_and_paths["embeddings"] = ([str(tmp_path)], saved[1])
-    yield tmp_path
-    folder_paths.folder_names_and_paths["embeddings"] = saved
 
 
 def run_inversion(model, clip, name, **optional):
@@ -172,7 +163,7 @@ def test_m_score_node_reports_every_model(sd1):
     config = ForgetConfig(resolution=RESOLUTION, steps=10, learning_rate=1e-2, rank=2)
     with torch.inference_mode():
         patched = host.apply_lora(model, forget(model, clip, parse_concepts("van gogh | style"), config).lora, 1.0)
-        out = NODES["FMN_MScore"]().score(model, clip, "van gogh", 2, 4, 1e-2, 0, patched=patched, patched_2=patched,
+        out = NODES["FMN_MScore"]().score(model, clip, "van gogh", "painter", 2, 4, 1e-2, 0, patched=patched, patched_2=patched,
                                           latent={"samples": latents()})
     original, after, drop, report = out["result"]
     assert drop == pytest.approx(original - after, abs=1e-5)

@@ -16,8 +16,13 @@ from . import oracle as O, world
 TEMPLATES = {"identity": "a portrait of {}", "object": "a {}", "style": "an object in the style of {}"}
 # Starting words that are no concept: recovery from these shows inversion finds the concept itself.
 GENERIC_INIT = {"identity": "person", "object": "object", "style": "style"}
-# M-Score settings on the toy (the node's defaults are for full-size models).
+# M-Score settings on the toy (the node's defaults are for full-size models). Every
+# inversion starts from "thing", a word the toy never saw in training: its row is as
+# neutral as a rare token in a real model. The toy's own generic words are no neutral
+# start: "object" draws a white block on grey, so close to the white shapes that
+# inversions of ring, cross or star settle beside it whatever the model holds.
 M_SCORE = {"num_tokens": 4, "steps": 60, "learning_rate": 1e-2}
+M_SCORE_INIT = "thing"
 RECOVERY = {"num_tokens": 4, "steps": 150, "learning_rate": 1e-2}
 
 
