@@ -13,7 +13,7 @@ default: the category's anchor). Examples:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "object": ("a photo of {}", "an image of {}", "a picture of {}", "{} in a scene", "a close-up photo of {}"),
@@ -88,6 +88,31 @@ def parse_concepts(text: str) -> list[Concept]:
     if not concepts:
         raise ValueError("no concepts given: write one concept per line, e.g. 'Van Gogh | style'")
     return concepts
+
+
+KEEP_TEMPLATES = ("a photo of {}", "a painting of {}", "{}")
+
+
+def parse_keep(text: str, concepts: list[Concept]) -> tuple[str, ...]:
+    """The keep list (comma- or line-separated); none may also be forgotten."""
+    items = tuple(dict.fromkeys(" ".join(k.split()) for k in re.split(r"[,\n]", text or "") if k.strip()))
+    forgotten = {c.text.lower() for c in concepts}
+    overlap = [k for k in items if k.lower() in forgotten]
+    if overlap:
+        raise ValueError(f"{', '.join(overlap)}: in both the forget and the keep list; remove it from one of them")
+    return items
+
+
+def with_kept(concept: Concept, keep: tuple[str, ...]) -> Concept:
+    """`concept` with its templates also written beside each kept concept ("a photo of {},
+    zebra"): their anchor versions keep it, so forgetting learns to leave it standing."""
+    escaped = [k.replace("{", "{{").replace("}", "}}") for k in keep]
+    return replace(concept, templates=concept.templates + tuple(f"{t}, {k}" for t in concept.templates for k in escaped))
+
+
+def keep_prompts(keep: tuple[str, ...]) -> list[str]:
+    """Prompts of the kept concepts alone: the patched model must denoise them as the original does."""
+    return [t.format(k) for k in keep for t in KEEP_TEMPLATES]
 
 
 # Ordinary prompts whose contexts an aimed update must leave alone. Broad on purpose:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..fmn_core import host
-from ..fmn_core.concepts import parse_concepts
+from ..fmn_core.concepts import parse_concepts, parse_keep
 from ..fmn_core.patch import ForgetPatch, apply_patch
 from ..fmn_core.train import MODES, ForgetConfig, forget, latents_for_concepts
 
@@ -13,6 +13,11 @@ CONCEPTS_TOOLTIP = (
     "show this concept. Examples: 'Van Gogh | style', 'embedding:my_cat | identity | images=0-3'."
 )
 
+KEEP_TOOLTIP = (
+    "Concepts to keep, comma- or line-separated (e.g. 'Monet, Picasso' when forgetting Van Gogh). Training "
+    "also holds the original model's output on their prompts and on the concepts' prompts with them added, "
+    "so neighbours and combinations survive. Empty: no preservation term."
+)
 MODE_TOOLTIP = "Which weights train. " + "; ".join(f"'{name}': {mode.description}" for name, mode in MODES.items()) + "."
 
 
@@ -59,25 +64,26 @@ class ForgetTrain:
                 "output_weight": ("FLOAT", {"default": DEFAULTS.output_weight, "min": 0.0, "max": 1000.0, "step": 0.5,
                                             "tooltip": "Weight of the output term: the concept's prompts should denoise like the same "
                                                        "prompts with the anchor in its place. 0 = the paper's attention loss alone."}),
+                "keep": ("STRING", {"multiline": True, "default": "", "tooltip": KEEP_TOOLTIP}),
             },
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, concepts=None, **_):
+    def VALIDATE_INPUTS(cls, concepts=None, keep="", **_):
         if isinstance(concepts, str):
             try:
-                parse_concepts(concepts)
+                parse_keep(keep if isinstance(keep, str) else "", parse_concepts(concepts))
             except ValueError as e:
                 return str(e)
         return True
 
     def train(self, model, clip, concepts, steps, learning_rate, rank, seed, images=None, vae=None, latent=None,
               mode=DEFAULTS.mode, include_end_token=DEFAULTS.include_end_token, batch_size=DEFAULTS.batch_size,
-              resolution=DEFAULTS.resolution, bf16=DEFAULTS.bf16, output_weight=DEFAULTS.output_weight):
+              resolution=DEFAULTS.resolution, bf16=DEFAULTS.bf16, output_weight=DEFAULTS.output_weight, keep=""):
         parsed = parse_concepts(concepts)
         config = ForgetConfig(steps=steps, learning_rate=learning_rate, rank=rank, seed=seed, mode=mode,
                               batch_size=batch_size, include_end_token=include_end_token, resolution=resolution,
-                              bf16=bf16, output_weight=output_weight)
+                              bf16=bf16, output_weight=output_weight, keep=parse_keep(keep, parsed))
         latents = latents_for_concepts(model, parsed, images=images, vae=vae, latent=latent)
         result = forget(model, clip, parsed, config, latents, progress=host.Progress(steps))
         patch = ForgetPatch(result.lora, result.metadata)

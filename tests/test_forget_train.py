@@ -6,7 +6,7 @@ import comfy.model_management
 import host_models as hm
 from attention_checks import RESOLUTION, concept_share_ratio, worst_word_change
 from fmn_pack.fmn_core import host
-from fmn_pack.fmn_core.concepts import parse_concepts
+from fmn_pack.fmn_core.concepts import keep_prompts, parse_concepts, parse_keep, with_kept
 from fmn_pack.fmn_core.train import ForgetConfig, forget
 
 CONCEPT = "van gogh"
@@ -114,3 +114,15 @@ def test_anchors_default_by_category_and_can_be_named():
     assert neon.anchor_prompts()[0] == "a painting in the style of"
     assert custom.anchor_prompts() == ["a cartoon of waving"]
     assert named.anchor_prompts()[1] == "an artwork by a painter"
+
+
+def test_keep_list_is_parsed_and_may_not_overlap_the_concepts():
+    concepts = parse_concepts("Van Gogh | style\nstar")
+    assert parse_keep("Monet,  Claude   Lorrain\n\nMonet, star trek", concepts) == ("Monet", "Claude Lorrain", "star trek")
+    with pytest.raises(ValueError, match="in both the forget and the keep list"):
+        parse_keep("monet, van gogh", concepts)
+    star = with_kept(concepts[1], ("zebra", "a {curly} word"))
+    assert len(star.templates) == 5 * 3
+    assert star.prompts()[5:7] == ["a photo of star, zebra", "a photo of star, a {curly} word"]
+    assert star.anchor_prompts()[5] == "a photo of an object, zebra"
+    assert keep_prompts(("zebra",)) == ["a photo of zebra", "a painting of zebra", "zebra"]

@@ -32,7 +32,7 @@ NODE_CONTRACT = {
         {"model": "MODEL", "clip": "CLIP", "concepts": "STRING", "steps": "INT", "learning_rate": "FLOAT",
          "rank": "INT", "seed": "INT"},
         {"images": "IMAGE", "vae": "VAE", "latent": "LATENT", "mode": "COMBO", "include_end_token": "BOOLEAN",
-         "batch_size": "INT", "resolution": "INT", "bf16": "BOOLEAN", "output_weight": "FLOAT"},
+         "batch_size": "INT", "resolution": "INT", "bf16": "BOOLEAN", "output_weight": "FLOAT", "keep": "STRING"},
         ["MODEL", "FORGET_PATCH"], False),
     "FMN_ApplyForgetPatch": ({"model": "MODEL", "patch": "FORGET_PATCH", "strength": "FLOAT"}, {}, ["MODEL"], False),
     "FMN_LoadForgetPatch": ({"patch_name": "COMBO"}, {}, ["FORGET_PATCH"], False),
@@ -43,7 +43,7 @@ NODE_CONTRACT = {
         {"images": "IMAGE", "vae": "VAE", "latent": "LATENT", "templates": "STRING", "batch_size": "INT", "overwrite": "BOOLEAN"},
         ["EMBEDDING", "STRING"], True),
     "FMN_MScore": (
-        {"original": "MODEL", "clip": "CLIP", "concept": "STRING", "num_tokens": "INT", "steps": "INT",
+        {"original": "MODEL", "clip": "CLIP", "concept": "STRING", "init_text": "STRING", "num_tokens": "INT", "steps": "INT",
          "learning_rate": "FLOAT", "seed": "INT"},
         {"patched": "MODEL", "patched_2": "MODEL", "patched_3": "MODEL", "images": "IMAGE", "vae": "VAE",
          "latent": "LATENT", "templates": "STRING", "clip_vision": "CLIP_VISION"},

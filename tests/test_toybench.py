@@ -162,7 +162,7 @@ def test_m_score_drops_for_the_forgotten_concept_and_not_for_the_kept(toy):
         patched = host.apply_lora(mp, result.lora, 1.0)
         for concept in ("Captain Zorb", "Madame Plink", "star"):
             rows = m_scores([("original", mp), ("patched", patched)], clip, probes.concept_latents(mp, vae, concept),
-                            concept, probes.config_for(concept, **probes.M_SCORE))
+                            concept, probes.config_for(concept, **probes.M_SCORE), probes.M_SCORE_INIT)
             drops[concept] = rows[1].drop
     kept = max(drops["Madame Plink"], drops["star"])
     assert drops["Captain Zorb"] > 0 and drops["Captain Zorb"] > kept, drops
@@ -184,8 +184,42 @@ def test_m_score_image_space_score_through_a_host_clip_vision_model(toy, tmp_pat
     settings = probes.config_for("Captain Zorb", num_tokens=2, steps=3, learning_rate=1e-2)
     with torch.inference_mode():
         latents = probes.concept_latents(mp, vae, "Captain Zorb", count=4)
-        rows = m_scores([("original", mp)], clip, latents, "Captain Zorb", settings, vision=vision, vae=vae)
-        again = m_scores([("original", mp)], clip, latents, "Captain Zorb", settings, vision=vision, vae=vae)
+        rows = m_scores([("original", mp)], clip, latents, "Captain Zorb", settings, "person", vision=vision, vae=vae)
+        again = m_scores([("original", mp)], clip, latents, "Captain Zorb", settings, "person", vision=vision, vae=vae)
     similarity = rows[0].image_similarity
     assert similarity is not None and -1.0 <= similarity <= 1.0 and rows == again
-    assert "image sim" in table(rows, "Captain Zorb", settings)
+    assert "image sim" in table(rows, "Captain Zorb", settings, "person")
+
+
+def output_drift(original, patched, clip, prompts: list[str], seed: int = 4) -> float:
+    """Mean squared difference of the two models' denoised outputs on the prompts, at
+    fixed noisy latents and noise levels."""
+    from fmn_pack.fmn_core import host
+    g = torch.Generator().manual_seed(seed)
+    contexts = [host.encode(clip, p) for p in prompts]
+    x = torch.randn((len(prompts), 4, 4, 4), generator=g)
+    sigma = torch.tensor([1.0, 3.0, 8.0])[torch.arange(len(prompts)) % 3]
+    outputs = []
+    for model in (original, patched):
+        forward = host.loaded_forward(model)
+        outputs.append(torch.cat([forward(x[i:i + 1] * sigma[i], sigma[i:i + 1], c) for i, c in enumerate(contexts)]))
+    return float((outputs[0] - outputs[1]).pow(2).mean())
+
+
+def test_a_keep_list_holds_the_original_output_on_kept_prompts(toy):
+    """Forget Train's preservation term: forgetting star with neon and zebra kept moves the
+    model's output on their prompts, alone and with star, less than forgetting it alone."""
+    from fmn_pack.fmn_core import host
+    from fmn_pack.fmn_core.concepts import parse_concepts
+    from fmn_pack.fmn_core.train import ForgetConfig, forget
+    from fmn_pack.toybench import probes
+    mp, clip, vae = toy
+    kept_prompts = ["an object in the style of neon", "a moon in the style of zebra", "a star in the style of neon"]
+    drift = {}
+    with torch.inference_mode():
+        latents = {0: probes.concept_latents(mp, vae, "star")}
+        for keep in ((), ("neon", "zebra")):
+            config = ForgetConfig(resolution=32, steps=40, keep=keep)
+            patched = host.apply_lora(mp, forget(mp, clip, parse_concepts("star | object"), config, latents).lora, 1.0)
+            drift[keep] = output_drift(mp, patched, clip, kept_prompts)
+    assert drift[("neon", "zebra")] < 0.8 * drift[()], drift
