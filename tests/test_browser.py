@@ -63,6 +63,11 @@ CELLS_JS = """return [...document.querySelectorAll('.fmn-attention-cell')].map(c
 SET_WIDGET_JS = """const [type, name, value] = arguments;
 const node = window.comfyAPI.app.app.graph.nodes.find(n => n.type === type);
 node.widgets.find(w => w.name === name).value = value;"""
+NODE_RECT_JS = """const app = window.comfyAPI.app.app, ds = app.canvas.ds;
+const node = app.graph.nodes.find(n => n.type === arguments[0]);
+const box = app.canvas.canvas.getBoundingClientRect(), title = window.LiteGraph.NODE_TITLE_HEIGHT;
+return [box.left + (node.pos[0] + ds.offset[0]) * ds.scale, box.top + (node.pos[1] - title + ds.offset[1]) * ds.scale,
+        node.size[0] * ds.scale, (node.size[1] + title) * ds.scale, window.devicePixelRatio];"""
 IMAGES_LOADED_JS = """const images = [...document.querySelectorAll('.fmn-attention-grid img')];
 return images.length > 0 && images.every(img => img.complete && img.naturalWidth > 0)"""
 
@@ -117,8 +122,19 @@ def ui_message(server: ComfyServer, frontend: WebDriver) -> list[dict]:
     entry = wait_for_grid(server, frontend)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     frontend.save_screenshot(str(ARTIFACTS / "attention_maps.png"))
+    save_node_picture(frontend, ARTIFACTS / "attention_maps.png", ARTIFACTS / "attention_map_viewer_node.png")
     (viewer_id,) = [str(node["id"]) for node in workflow["nodes"] if node["type"] == VIEWER]
     return entry["outputs"][viewer_id]["fmn_attention"]
+
+
+def save_node_picture(browser: WebDriver, screenshot: Path, out: Path) -> None:
+    """The viewer node alone, cut from the screenshot: the README's picture of the node
+    (docs/attention_map_viewer.png is a copy)."""
+    from PIL import Image
+    left, top, width, height, ratio = browser.execute_script(NODE_RECT_JS, VIEWER)
+    with Image.open(screenshot) as image:
+        box = [round(v * ratio) for v in (left - 4, top - 4, left + width + 4, top + height + 4)]
+        image.crop((max(box[0], 0), max(box[1], 0), min(box[2], image.width), min(box[3], image.height))).save(out)
 
 
 def wait_for_grid(server: ComfyServer, browser: WebDriver) -> dict:
