@@ -20,9 +20,11 @@ Concept Inversion and M-Score (`--no-inversion` skips them):
   "object", "style") through the original model; the oracle's detection rate in samples
   of the concept's template with the learned tokens (seeds 9000+), before which the
   generic word alone draws the concept in (nearly) none;
-- M-Score (fmn_core/mscore.py) of every concept through the original model; after each
-  single-concept pack-defaults run, of the forgotten concept; after the three-concept run,
-  of all twelve (so a forgotten concept's drop can be set beside the kept ones').
+- M-Score (fmn_core/mscore.py; every inversion starts from the neutral word "thing") of
+  every concept through the original model; after each single-concept pack-defaults run,
+  of the forgotten concept and the other members of its category (the kept concepts most
+  like it); after the three-concept run, of all twelve (so a forgotten concept's drop can
+  be set beside the kept ones').
 
 Writes bench/quality.json and bench/QUALITY.md (the README's table). About 30 minutes on
 2 CPU cores. `--runs` picks runs by name, `--recipe NAME=JSON` adds or overrides a
@@ -50,10 +52,13 @@ IMAGES_PER_CONCEPT = 8
 # The paper's recipe (METHOD.md): its loss alone, every attn2 weight trained whole, 35
 # steps. Its lr (2e-6 on SD2.1, 2e-5 in the SD1.5 reuse) barely moves the toy model
 # (Captain Zorb stayed fully detected at 2e-5 on an earlier build), so it is scaled x10.
+KEEP_REST = "rest"  # a recipe's keep list: the world's concepts that the run does not forget
 RECIPES = {
     "pack defaults": {},
     "reference": {"mode": "reference", "output_weight": 0.0, "learning_rate": 2e-4},
+    "pack defaults + keep": {"keep": KEEP_REST},
 }
+MULTI_CONCEPT_ONLY = {"pack defaults + keep"}  # a keep list is for runs that forget several concepts
 
 
 def runs(world) -> dict[str, list[str]]:
@@ -86,6 +91,8 @@ def one_run(toy, lines: list[str], recipe: dict, seed: int) -> dict:
     from fmn_pack.toybench import world
     mp, clip, vae = toy
     concepts = fmn_concepts.parse_concepts("\n".join(lines))
+    if recipe.get("keep") == KEEP_REST:
+        recipe = {**recipe, "keep": tuple(c for c in world.CONCEPTS if c not in {x.text for x in concepts})}
     config = train.ForgetConfig(seed=seed, resolution=32, **recipe)
     with torch.inference_mode():
         images = [torch.from_numpy(world.images_of(c.text, IMAGES_PER_CONCEPT, 100 + i)) for i, c in enumerate(concepts)]
@@ -113,11 +120,18 @@ def main(argv=None) -> None:
     ap.add_argument("--runs", nargs="*", help="run names (default: all)")
     ap.add_argument("--recipe", action="append", default=[], help="NAME=JSON of ForgetConfig fields")
     ap.add_argument("--only-recipes", action="store_true", help="use only the --recipe ones")
+    ap.add_argument("--recipes", nargs="*", help="names from RECIPES to run (default: all)")
+    ap.add_argument("--merge", action="store_true",
+                    help="put these runs' results into the existing --out (replacing the same run and recipe) "
+                         "instead of writing a new report")
     ap.add_argument("--out", default=str(OUT / "quality.json"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="half the evaluation seeds (for comparing settings)")
     ap.add_argument("--weights", default=None, help="a ToyBench weights folder other than the shipped one")
     ap.add_argument("--no-inversion", action="store_true", help="skip the Concept Inversion and M-Score measurements")
+    ap.add_argument("--only-inversion", action="store_true",
+                    help="re-measure only Concept Inversion and M-Score into the existing --out (the pack-defaults "
+                         "patches are retrained with the same seed; the forgetting results are kept)")
     args = ap.parse_args(argv)
     keep = 2 if args.quick else 1
     seeds = (list(SEEDS_IDENTITY[:len(SEEDS_IDENTITY) // keep]), list(SEEDS_SCENE[:len(SEEDS_SCENE) // keep]))
@@ -126,7 +140,7 @@ def main(argv=None) -> None:
     from fmn_pack.fmn_core.concepts import parse_concepts
     from fmn_pack.toybench import loader, world
 
-    recipes = {} if args.only_recipes else dict(RECIPES)
+    recipes = {} if args.only_recipes else {k: v for k, v in RECIPES.items() if not args.recipes or k in args.recipes}
     for item in args.recipe:
         name, _, spec = item.partition("=")
         recipes[name] = json.loads(spec)
@@ -139,6 +153,8 @@ def main(argv=None) -> None:
     folder = args.weights or loader.WEIGHTS
     toy = loader.load(folder)
     oracle_net = loader.load_oracle(folder)
+    if args.only_inversion:
+        return remeasure_inversion(toy, oracle_net, all_runs, seeds[0], args.seed, Path(args.out))
     t0 = time.perf_counter()
     base = rates(toy[0], toy, oracle_net, seeds)
     print(f"base detection ({time.perf_counter() - t0:.0f}s): {json.dumps({k: round(v, 3) for k, v in base.items()})}", flush=True)
@@ -147,6 +163,8 @@ def main(argv=None) -> None:
         lines = all_runs[run_name]
         forgotten = [c.text for c in parse_concepts("\n".join(lines))]
         for recipe_name, recipe in recipes.items():
+            if recipe_name in MULTI_CONCEPT_ONLY and len(forgotten) == 1:
+                continue
             out = one_run(toy, lines, recipe, args.seed)
             after = rates(out["patched"], toy, oracle_net, seeds)
             entry = {"run": run_name, "recipe": recipe_name, "settings": recipe, "concepts": forgotten,
@@ -162,6 +180,8 @@ def main(argv=None) -> None:
     report = {"measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "seeds_identity": seeds[0], "seeds_scene": seeds[1], "images_per_concept": IMAGES_PER_CONCEPT,
               "recipes": recipes, "base": {k: round(v, 4) for k, v in base.items()}, "results": results}
+    if args.merge:
+        return merge_results(Path(args.out), report, all_runs)
     if not args.no_inversion:
         report["inversion"] = inversion_report(toy, oracle_net, patched_models, all_runs, seeds[0])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -169,6 +189,43 @@ def main(argv=None) -> None:
     if not args.runs and not args.only_recipes:
         (OUT / "QUALITY.md").write_text(markdown(report))
     print(f"wrote {args.out} ({time.perf_counter() - t0:.0f}s)")
+
+
+def merge_results(out: Path, new: dict, all_runs: dict) -> None:
+    """`--merge`: the new runs' results put into an existing report (same seeds and base)."""
+    report = json.loads(out.read_text())
+    if (report["seeds_identity"], report["seeds_scene"], report["base"]) != (new["seeds_identity"], new["seeds_scene"], new["base"]):
+        raise SystemExit(f"{out} was measured on other seeds or another base model: run the whole benchmark instead")
+    fresh = {(r["run"], r["recipe"]) for r in new["results"]}
+    results = [r for r in report["results"] if (r["run"], r["recipe"]) not in fresh] + new["results"]
+    order = list(all_runs)
+    recipe_order = list(RECIPES) + [n for n in new["recipes"] if n not in RECIPES]
+    results.sort(key=lambda r: (order.index(r["run"]), recipe_order.index(r["recipe"])))
+    report.update(results=results, recipes={**report["recipes"], **new["recipes"]},
+                  merged=sorted({*report.get("merged", []), new["measured"]}))
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    if out == OUT / "quality.json":
+        (OUT / "QUALITY.md").write_text(markdown(report))
+    print(f"merged {len(new['results'])} results into {out}")
+
+
+def remeasure_inversion(toy, oracle_net, all_runs: dict, seeds: list[int], seed: int, out: Path) -> None:
+    """`--only-inversion`: the inversion section of an existing report, measured again."""
+    report = json.loads(out.read_text())
+    patched = {name: one_run(toy, lines, RECIPES["pack defaults"], seed)["patched"] for name, lines in all_runs.items()}
+    report["inversion"] = inversion_report(toy, oracle_net, patched, all_runs, seeds)
+    report["inversion"]["measured"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    if out == OUT / "quality.json":
+        (OUT / "QUALITY.md").write_text(markdown(report))
+    print(f"rewrote the inversion section of {out}")
+
+
+def neighbours(forgotten: list[str]) -> list[str]:
+    """The forgotten concepts and the kept members of their categories: the kept concepts
+    most like them, whose M-Score a forget patch is likeliest to drag down with them."""
+    from fmn_pack.toybench import probes, world
+    return [c for c in world.CONCEPTS if c in forgotten or probes.category(c) in {probes.category(f) for f in forgotten}]
 
 
 def inversion_report(toy, oracle_net, patched_models: dict, all_runs: dict, seeds: list[int]) -> dict:
@@ -189,17 +246,19 @@ def inversion_report(toy, oracle_net, patched_models: dict, all_runs: dict, seed
 
         def score(model, concept: str) -> float:
             config = probes.config_for(concept, **probes.M_SCORE)
-            return m_scores([("model", model)], clip, probes.concept_latents(mp, vae, concept), concept, config)[0].score
+            latents = probes.concept_latents(mp, vae, concept)
+            return m_scores([("model", model)], clip, latents, concept, config, probes.M_SCORE_INIT)[0].score
 
         before = {c: round(score(mp, c), 4) for c in world.CONCEPTS}
         print(f"M-Score before: {json.dumps(before)}", flush=True)
         after = {}
         for run_name, model in patched_models.items():
             forgotten = [line.split("|")[0].strip() for line in all_runs[run_name]]
-            measured = world.CONCEPTS if run_name == "three concepts" else forgotten
+            measured = world.CONCEPTS if run_name == "three concepts" else neighbours(forgotten)
             after[run_name] = {c: round(score(model, c), 4) for c in measured}
             print(f"M-Score after {run_name}: {json.dumps(after[run_name])}", flush=True)
-    return {"recovery_settings": probes.RECOVERY, "m_score_settings": probes.M_SCORE, "templates": probes.TEMPLATES,
+    return {"recovery_settings": probes.RECOVERY, "m_score_settings": {**probes.M_SCORE, "init_text": probes.M_SCORE_INIT},
+            "templates": probes.TEMPLATES,
             "recovery_seeds": seeds, "recovery": recovery, "m_score_before": before, "m_score_after": after}
 
 
@@ -212,13 +271,18 @@ def markdown(report: dict) -> str:
     inv = report.get("inversion")
     if inv:
         rows += ["", "| concept | recovery: generic word -> learned tokens | M-Score before | after forgetting it alone "
-                 "| after the three-concept run |", "|---|---|---|---|---|"]
-        three = inv["m_score_after"].get("three concepts", {})
+                 "(drop) | largest drop of a kept neighbour in that run | after the three-concept run |",
+                 "|---|---|---|---|---|---|"]
+        before, after = inv["m_score_before"], inv["m_score_after"]
+        three = after.get("three concepts", {})
         for concept, rec in inv["recovery"].items():
-            alone = inv["m_score_after"].get(concept, {}).get(concept)
-            cells = [f"{alone:.3f}" if alone is not None else "-", f"{three[concept]:.3f}" if concept in three else "-"]
+            run = after.get(concept, {})
+            kept = {c: before[c] - v for c, v in run.items() if c != concept}
+            cells = [f"{run[concept]:.3f} ({before[concept] - run[concept]:+.3f})" if concept in run else "-",
+                     f"{max(kept.values()):+.3f} ({max(kept, key=kept.get)})" if kept else "-",
+                     f"{three[concept]:.3f}" if concept in three else "-"]
             rows.append(f"| {concept} | {rec['detection_initial']:.2f} -> {rec['detection_learned']:.2f} | "
-                        f"{inv['m_score_before'][concept]:.3f} | {cells[0]} | {cells[1]} |")
+                        f"{before[concept]:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
 
 
