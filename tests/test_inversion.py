@@ -53,7 +53,7 @@ def test_inversion_trains_only_the_new_rows_and_the_file_loads_as_an_embedding(s
     unet_before = {k: v.clone() for k, v in model.model.state_dict().items()}
     clip_before = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
     with torch.inference_mode():
-        result = invert(model, clip, latents(), "van gogh", SMALL, "painter")
+        result = invert(model, clip, latents(), "van gogh", SMALL)
     assert result.vectors.shape == (3, 768) and result.embedding_key == "clip_l"
     assert not torch.equal(result.vectors, result.initial), "the new rows did not move"
     for before, module in ((unet_before, model.model), (clip_before, clip.cond_stage_model)):
