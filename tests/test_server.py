@@ -150,6 +150,18 @@ def test_pack_loads_with_its_node_contract(server: ComfyServer, object_info: dic
         assert node_def["category"] == "Forget-Me-Not"
 
 
+def test_every_node_explains_itself_in_the_ui(object_info: dict) -> None:
+    """What the frontend shows on hover and in the node library: a description, a tooltip
+    on every input and one on every output, as /object_info serves them."""
+    for node_id in NODE_CONTRACT:
+        node = object_info[node_id]
+        assert node["description"].strip(), node_id
+        untold = [name for section in ("required", "optional") for name, spec in node["input"].get(section, {}).items()
+                  if len(spec) < 2 or not spec[1].get("tooltip")]
+        assert not untold, f"{node_id}: inputs without a tooltip: {untold}"
+        assert len(node.get("output_tooltips") or []) == len(node["output"]), f"{node_id}: an output without a tooltip"
+
+
 def test_workflows_are_served_as_templates(server: ComfyServer) -> None:
     assert sorted(server.get("/workflow_templates")[PACK_DIR_NAME]) == ["attention_maps", "forget_concept", "mscore", "stack_patches", "toybench_forget"]
     served = server.get(f"/api/workflow_templates/{PACK_DIR_NAME}/forget_concept.json")
