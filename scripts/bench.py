@@ -133,6 +133,15 @@ def r4(x):
     return None if x is None else float(f"{x:.4g}")
 
 
+def ratio_figure(rows: list[dict], what: str, method: str, spreads: dict[str, str], **extra) -> dict:
+    """A timing figure as every one is reported: the median of the per-rep `ratio`, the
+    clock, what was timed and how, the spread of each named column (figure key -> row
+    key), any extra fields, and the reps themselves."""
+    column = lambda key: [r[key] for r in rows]  # noqa: E731
+    return {"value": r4(med(column("ratio"))), "clock": TIMER["name"], "what": what, "method": method,
+            **{name: spread(column(key)) for name, key in spreads.items()}, **extra, "reps": rows}
+
+
 # --- models -----------------------------------------------------------------------------
 
 
@@ -253,30 +262,25 @@ def bench_train_vs_sample(pack, cfg: dict) -> tuple[dict, list]:
         print(f"  [1] rep {rep + 1}/{reps} ({concept.text}): step {per_step:.3f}s, sampling step {fwd1:.3f}s, "
               f"ratio {per_step / fwd1:.2f}, setup {rows[-1]['setup_s']:.2f}s", flush=True)
 
-    col = lambda k: [r[k] for r in rows]  # noqa: E731
-    train_step, fwd = med(col("train_step_s")), med(col("sampling_step_s"))
-    fig = {
-        "value": r4(med(col("ratio"))),
-        "clock": TIMER["name"],
-        "what": (f"one Forget Train step (UNet forward with the attn2 hooks + backward + AdamW + grad clip, "
+    train_step, fwd = med([r["train_step_s"] for r in rows]), med([r["sampling_step_s"] for r in rows])
+    fig = ratio_figure(
+        rows,
+        what=(f"one Forget Train step (UNet forward with the attn2 hooks + backward + AdamW + grad clip, "
                  f"default settings: mode 'aimed k/v' with its output term, batch 1) over one plain sampling step (one UNet forward via "
                  f"model.apply_model under inference_mode, batch 1, conditional only, no CFG), both on the "
                  f"small SD1.5-layout model of tests/host_models.py at {res} px ({size}x{size} latent)"),
-        "method": (f"per step = (time of forget() with {n2} steps - with {n1} steps) / {n2 - n1}, so prompt "
-                   f"encoding, the concept basis, model load/unload and patch export cancel; each rep measures "
-                   f"the sampling step (median of {cfg['forwards_per_rep']} forwards) and both forget() runs "
-                   f"back to back; value = median over reps of the per-rep ratio"),
-        "train_step_s": spread(col("train_step_s")),
-        "sampling_step_s": spread(col("sampling_step_s")),
-        "setup_s": spread(col("setup_s")),
-        "train_step_in_run_s": spread([v for v in col("train_step_in_run_s") if v is not None]),
-        "ratio_of_medians": r4(train_step / fwd),
-        "wall_clock_ratio": r4(med([r["wall"]["ratio"] for r in rows])),
-        "wall_clock_ratio_what": "the same ratio from wall-clock times (noisy wherever other processes share the CPUs)",
-        "ratio_vs_cfg_step": r4(med([r["train_step_s"] / r["sampling_step_cfg_batch2_s"] for r in rows])),
-        "ratio_vs_cfg_step_what": "the same train step over one UNet forward at batch 2 (cond + uncond), i.e. one KSampler step at cfg > 1",
-        "reps": rows,
-    }
+        method=(f"per step = (time of forget() with {n2} steps - with {n1} steps) / {n2 - n1}, so prompt "
+                f"encoding, the concept basis, model load/unload and patch export cancel; each rep measures "
+                f"the sampling step (median of {cfg['forwards_per_rep']} forwards) and both forget() runs "
+                f"back to back; value = median over reps of the per-rep ratio"),
+        spreads={k: k for k in ("train_step_s", "sampling_step_s", "setup_s")},
+        train_step_in_run_s=spread([r["train_step_in_run_s"] for r in rows if r["train_step_in_run_s"] is not None]),
+        ratio_of_medians=r4(train_step / fwd),
+        wall_clock_ratio=r4(med([r["wall"]["ratio"] for r in rows])),
+        wall_clock_ratio_what="the same ratio from wall-clock times (noisy wherever other processes share the CPUs)",
+        ratio_vs_cfg_step=r4(med([r["train_step_s"] / r["sampling_step_cfg_batch2_s"] for r in rows])),
+        ratio_vs_cfg_step_what="the same train step over one UNet forward at batch 2 (cond + uncond), i.e. one KSampler step at cfg > 1",
+    )
     return fig, patches
 
 
@@ -314,19 +318,14 @@ def bench_inversion_vs_sample(pack, cfg: dict) -> dict:
                      "setup_s": short - n1 * per_step})
         print(f"  [5] rep {rep + 1}/{cfg['reps_inversion']}: step {per_step:.3f}s, sampling step {fwd:.3f}s, "
               f"ratio {per_step / fwd:.2f}", flush=True)
-    col = lambda k: [r[k] for r in rows]  # noqa: E731
-    return {
-        "value": r4(med(col("ratio"))),
-        "clock": TIMER["name"],
-        "what": (f"one Concept Inversion step (text encoder forward out of place + UNet forward + backward to the "
-                 f"token rows + AdamW, batch 1, default settings) over one plain sampling step (UNet forward, batch "
-                 f"1, no CFG), on the small SD1.5-layout model at {res} px"),
-        "method": f"per step = (time of invert() with {n2} steps - with {n1}) / {n2 - n1}; median over reps of the ratio",
-        "inversion_step_s": spread(col("inversion_step_s")),
-        "sampling_step_s": spread(col("sampling_step_s")),
-        "setup_s": spread(col("setup_s")),
-        "reps": rows,
-    }
+    return ratio_figure(
+        rows,
+        what=(f"one Concept Inversion step (text encoder forward out of place + UNet forward + backward to the "
+              f"token rows + AdamW, batch 1, default settings) over one plain sampling step (UNet forward, batch "
+              f"1, no CFG), on the small SD1.5-layout model at {res} px"),
+        method=f"per step = (time of invert() with {n2} steps - with {n1}) / {n2 - n1}; median over reps of the ratio",
+        spreads={k: k for k in ("inversion_step_s", "sampling_step_s", "setup_s")},
+    )
 
 
 # --- figure 6: sampling with the attention-map capture -----------------------------------
@@ -363,18 +362,14 @@ def bench_capture_vs_sample(pack, cfg: dict) -> dict:
         order = (plain, captured) if rep % 2 == 0 else (captured, plain)
         seconds = {fn.__name__: timed(fn)[0] for fn in order}
         rows.append({**seconds, "ratio": seconds["captured"] / seconds["plain"]})
-    col = lambda k: [r[k] for r in rows]  # noqa: E731
-    return {
-        "value": r4(med(col("ratio"))),
-        "clock": TIMER["name"],
-        "what": (f"one {steps}-step {cfg['sampler']} sampling run at CFG {cfg['cfg']} with the Attention Map Viewer's "
-                 f"capture on ({len(words)} words, every cross-attention layer) over the same run without it, on the "
-                 f"small SD1.5-layout model at {res} px; target <= 1.5 on CPU"),
-        "method": f"runs interleaved, alternating order; median over {cfg['reps_sampling']} reps of the per-rep ratio",
-        "plain_s": spread(col("plain")),
-        "captured_s": spread(col("captured")),
-        "reps": rows,
-    }
+    return ratio_figure(
+        rows,
+        what=(f"one {steps}-step {cfg['sampler']} sampling run at CFG {cfg['cfg']} with the Attention Map Viewer's "
+              f"capture on ({len(words)} words, every cross-attention layer) over the same run without it, on the "
+              f"small SD1.5-layout model at {res} px; target <= 1.5 on CPU"),
+        method=f"runs interleaved, alternating order; median over {cfg['reps_sampling']} reps of the per-rep ratio",
+        spreads={"plain_s": "plain", "captured_s": "captured"},
+    )
 
 
 # --- figure 2: sampling with stacked patches --------------------------------------------
