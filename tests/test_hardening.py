@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import pickle
 import re
 import resource
 import struct
@@ -19,6 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import comfy.model_management as mm
+from hostile_files import trap_pickle
 from leak_checks import cache_problems, clip_state, host_state, weights
 from fmn_pack.fmn_core import host
 from fmn_pack.fmn_core.embedding import embedding_filename
@@ -254,18 +254,8 @@ def test_hostile_embedding_files_are_refused_with_the_file_named(toy, tmp_path):
     fuzz((tmp_path / "valid.safetensors").read_bytes(), folder / "hostile.safetensors", encode, r"hostile")
 
 
-class _Payload:
-    """Unpickling this object would create a marker file."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def write_pickle(stem: Path, marker: Path) -> None:
-    stem.with_suffix(".pt").write_bytes(pickle.dumps(_Payload(str(marker))))
+    stem.with_suffix(".pt").write_bytes(trap_pickle(marker))
 
 
 def write_narrow(stem: Path, marker: Path) -> None:

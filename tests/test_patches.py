@@ -1,6 +1,5 @@
 """Forget patches: file format, stock-loader equivalence, stacking and refusals."""
 import json
-import pickle
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ from safetensors.torch import save_file
 import comfy.model_management
 import folder_paths
 import host_models as hm
+from hostile_files import trap_pickle
 import nodes as host_nodes
 from fmn_pack.fmn_core import host
 from fmn_pack.fmn_core.concepts import parse_concepts
@@ -101,21 +101,11 @@ def test_strength_out_of_range(sd1, patch, strength):
         apply_patch(sd1[0], patch, strength)
 
 
-class _Payload:
-    """Unpickling this object would create a marker file."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 @pytest.mark.parametrize("name", ["evil.ckpt", "evil.safetensors"])
 def test_pickles_are_never_unpickled(tmp_path, name):
     marker = tmp_path / "unpickled"
     path = tmp_path / name
-    path.write_bytes(pickle.dumps(_Payload(str(marker))))
+    path.write_bytes(trap_pickle(marker))
     with pytest.raises(ValueError, match="not a .safetensors file|corrupt or not safetensors|too short"):
         load_patch(path)
     assert not marker.exists()
