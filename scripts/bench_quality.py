@@ -185,11 +185,16 @@ def main(argv=None) -> None:
         return merge_results(Path(args.out), report, all_runs)
     if not args.no_inversion:
         report["inversion"] = inversion_report(toy, oracle_net, patched_models, all_runs, seeds[0])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    if not args.runs and not args.only_recipes:
-        (OUT / "QUALITY.md").write_text(markdown(report))
+    write_report(report, Path(args.out), table=not args.runs and not args.only_recipes)
     print(f"wrote {args.out} ({time.perf_counter() - t0:.0f}s)")
+
+
+def write_report(report: dict, out: Path, table: bool) -> None:
+    """The JSON report, and with `table` the README's tables in bench/QUALITY.md."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    if table:
+        (OUT / "QUALITY.md").write_text(markdown(report))
 
 
 def merge_results(out: Path, new: dict, all_runs: dict) -> None:
@@ -204,9 +209,7 @@ def merge_results(out: Path, new: dict, all_runs: dict) -> None:
     results.sort(key=lambda r: (order.index(r["run"]), recipe_order.index(r["recipe"])))
     report.update(results=results, recipes={**report["recipes"], **new["recipes"]},
                   merged=sorted({*report.get("merged", []), new["measured"]}))
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    if out == OUT / "quality.json":
-        (OUT / "QUALITY.md").write_text(markdown(report))
+    write_report(report, out, table=out == OUT / "quality.json")
     print(f"merged {len(new['results'])} results into {out}")
 
 
@@ -216,9 +219,7 @@ def remeasure_inversion(toy, oracle_net, all_runs: dict, seeds: list[int], seed:
     patched = {name: one_run(toy, lines, RECIPES["pack defaults"], seed)["patched"] for name, lines in all_runs.items()}
     report["inversion"] = inversion_report(toy, oracle_net, patched, all_runs, seeds)
     report["inversion"]["measured"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    if out == OUT / "quality.json":
-        (OUT / "QUALITY.md").write_text(markdown(report))
+    write_report(report, out, table=out == OUT / "quality.json")
     print(f"rewrote the inversion section of {out}")
 
 
