@@ -118,7 +118,7 @@ def build_examples(clip, concepts: list[Concept], include_end: bool, keep: tuple
     output term holds the original model's prediction on them, and the aim avoids them."""
     special = SpecialTokens(**host.special_tokens(clip))
     examples = [_kept_example(clip, prompt) for prompt in keep_prompts(keep)]
-    concepts = [with_kept(c, keep) for c in concepts] if keep else concepts
+    concepts = [with_kept(c, keep) for c in concepts]
     for index, concept in enumerate(concepts):
         needle = content_tokens(host.tokenize(clip, concept.text), special)
         if not needle:
