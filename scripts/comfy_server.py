@@ -64,8 +64,11 @@ class ComfyServer:
         return self.log_path.read_text(errors="replace")
 
     def get(self, path: str) -> Any:
+        return json.loads(self.get_bytes(path))
+
+    def get_bytes(self, path: str) -> bytes:
         with urllib.request.urlopen(self.url + path, timeout=REQUEST_TIMEOUT_S) as response:
-            return json.loads(response.read())
+            return response.read()
 
     def post(self, path: str, payload: dict) -> Any:
         request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),

@@ -20,6 +20,7 @@ import requests
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -52,7 +53,10 @@ POLL_S = 1.0
 # serve, of optional files a fresh user does not have (user.css, saved workflows, templates),
 # and of the registry at api.comfy.org, which a closed network cannot reach; and a TypeError
 # from its graph view storing a render-mode setting before the setting is registered.
-EXPECTED_FAILED_LOAD = re.compile(r"^(https://api\.comfy\.org/|http://127\.0\.0\.1:\d+/(favicon\.ico|user\.css|api/userdata[/?]))"
+# The help panel asks for a translated page (docs/<node id>/<locale>.md) before the plain
+# docs/<node id>.md this pack ships, so each page opened adds one such 404.
+EXPECTED_FAILED_LOAD = re.compile(r"^(https://api\.comfy\.org/|http://127\.0\.0\.1:\d+/(favicon\.ico|user\.css|api/userdata[/?]"
+                                  rf"|extensions/{PACK_DIR_NAME}/docs/FMN_\w+/en\.md))"
                                   r"\S* - Failed to load resource")
 STOCK_SETTING_RACE = "TypeError: Cannot read properties of undefined (reading 'id')\n    at onChange ("
 
@@ -127,11 +131,11 @@ def ui_message(server: ComfyServer, frontend: WebDriver) -> list[dict]:
     return entry["outputs"][viewer_id]["fmn_attention"]
 
 
-def save_node_picture(browser: WebDriver, screenshot: Path, out: Path) -> None:
-    """The viewer node alone, cut from the screenshot: the README's picture of the node
-    (docs/attention_map_viewer.png is a copy)."""
+def save_node_picture(browser: WebDriver, screenshot: Path, out: Path, node_type: str = VIEWER) -> None:
+    """One node alone, cut from the screenshot: the README's picture of the viewer
+    (docs/attention_map_viewer.png is a copy) and the help pages' pictures."""
     from PIL import Image
-    left, top, width, height, ratio = browser.execute_script(NODE_RECT_JS, VIEWER)
+    left, top, width, height, ratio = browser.execute_script(NODE_RECT_JS, node_type)
     with Image.open(screenshot) as image:
         box = [round(v * ratio) for v in (left - 4, top - 4, left + width + 4, top + height + 4)]
         image.crop((max(box[0], 0), max(box[1], 0), min(box[2], image.width), min(box[3], image.height))).save(out)
@@ -240,3 +244,88 @@ def test_console_has_no_errors_or_warnings(browser: WebDriver, ui_message: list[
     """Everything logged since the page opened: start-up, the extension loading, the run,
     the grid and (when the tests above ran) the zoom."""
     assert not [e for e in browser.get_log("browser") if unexpected(e)]
+
+
+# --- each node on the canvas, and its help page from the node library ----------------------
+
+DOCS = REPO / "web" / "docs"
+PACK_NODES_JS = """return Object.keys(window.LiteGraph.registered_node_types).filter(t => t.startsWith('FMN_')).sort()
+  .map(t => [t, window.LiteGraph.registered_node_types[t].title])"""
+ONE_NODE_JS = """const app = window.comfyAPI.app.app;
+app.graph.clear();
+const node = window.LiteGraph.createNode(arguments[0]);
+app.graph.add(node);
+node.pos = [420, 240];  // clear of the sidebar, tabs and menus that float over the canvas
+app.canvas.ds.offset = [0, 0]; app.canvas.ds.scale = 1;
+app.graph.setDirtyCanvas(true, true); app.canvas.draw(true, true);
+return node.size;"""
+HELP_JS = """const help = document.querySelector('.node-help-content');
+if (!help) return null;
+const images = [...help.querySelectorAll('img')];
+return {title: help.querySelector('h1')?.textContent ?? '',
+        headings: [...help.querySelectorAll('h2')].map(h => h.textContent),
+        rows: help.querySelectorAll('table tr').length,
+        images: images.map(i => i.getAttribute('src')),
+        loaded: images.length > 0 && images.every(i => i.complete && i.naturalWidth > 0)}"""
+
+
+@pytest.fixture(scope="module")
+def pack_nodes(frontend: WebDriver) -> dict[str, str]:
+    """Node id -> display name, as the front end registered them."""
+    return dict(frontend.execute_script(PACK_NODES_JS))
+
+
+def test_each_node_draws_on_an_empty_canvas(frontend: WebDriver, pack_nodes: dict[str, str]) -> None:
+    """Every node drawn alone, cut from a screenshot: the help pages' pictures
+    (web/docs/<node id>.png are copies of out/test-artifacts/nodes/<node id>.png)."""
+    from PIL import Image
+    assert len(pack_nodes) == 8, pack_nodes
+    folder = ARTIFACTS / "nodes"
+    folder.mkdir(parents=True, exist_ok=True)
+    for node_id in pack_nodes:
+        width, height = frontend.execute_script(ONE_NODE_JS, node_id)
+        assert width > 100 and height > 20, (node_id, width, height)
+        shot = folder / f"{node_id}-screen.png"
+        frontend.save_screenshot(str(shot))
+        save_node_picture(frontend, shot, folder / f"{node_id}.png", node_id)
+        shot.unlink()
+        with Image.open(folder / f"{node_id}.png") as picture:
+            assert len(set(picture.convert("L").getdata())) > 8, f"{node_id}: the node drew as a flat picture"
+
+
+def open_help(browser: WebDriver, display_name: str) -> dict:
+    """Open a node's help page from the node library panel, as a user does: the panel,
+    the pack's folder, hover the node, its "?" button; what the page shows once its
+    pictures have loaded."""
+    if not browser.find_elements(By.CSS_SELECTOR, ".node-lib-node-container"):
+        if not browser.find_elements(By.CSS_SELECTOR, ".search-box-input"):
+            browser.find_element(By.CSS_SELECTOR, "button.side-bar-button[aria-label^='Node Library']").click()
+        folder = WebDriverWait(browser, IMAGE_TIMEOUT_S, POLL_S / 4).until(
+            lambda d: [e for e in d.find_elements(By.CSS_SELECTOR, ".p-tree-node-content")
+                       if e.get_attribute("textContent").strip().startswith("Forget-Me-Not")])
+        folder[0].click()
+    (leaf,) = [e for e in browser.find_elements(By.CSS_SELECTOR, ".node-lib-node-container")
+               if e.get_attribute("textContent").strip() == display_name]
+    ActionChains(browser).move_to_element(leaf).perform()
+    leaf.find_element(By.CSS_SELECTOR, ".help-button").click()
+    return WebDriverWait(browser, IMAGE_TIMEOUT_S, POLL_S / 4).until(
+        lambda d: (page := d.execute_script(HELP_JS)) and page["title"] == display_name and page["loaded"] and page,
+        f"the help page of {display_name} did not show with its pictures within {IMAGE_TIMEOUT_S:.0f} s")
+
+
+def close_help(browser: WebDriver) -> None:
+    browser.find_element(By.CSS_SELECTOR, "button .pi-arrow-left").click()
+    WebDriverWait(browser, IMAGE_TIMEOUT_S, POLL_S / 4).until(
+        lambda d: not d.find_elements(By.CSS_SELECTOR, ".node-help-content"))
+
+
+def test_every_help_page_opens_from_the_node_library(frontend: WebDriver, pack_nodes: dict[str, str]) -> None:
+    for node_id, display_name in pack_nodes.items():
+        page = open_help(frontend, display_name)
+        assert page["headings"][:2] == ["Inputs", "Outputs"], (node_id, page["headings"])
+        assert page["rows"] >= 2, f"{node_id}: the help page shows no Outputs table"
+        assert [src.rsplit("/", 1)[-1] for src in page["images"]] == [f"{node_id}.png"], page["images"]
+        if node_id == "FMN_ForgetTrain":
+            frontend.save_screenshot(str(ARTIFACTS / "help_page.png"))
+        close_help(frontend)
+    assert not [e for e in frontend.get_log("browser") if unexpected(e)]
