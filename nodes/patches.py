@@ -13,12 +13,16 @@ FOLDER = "forget_patches"
 
 
 def register_folder() -> None:
-    """models/forget_patches, added after (never over) any paths from extra_model_paths.yaml."""
+    """models/forget_patches, added after (never over) any paths from extra_model_paths.yaml;
+    then every forget_patches folder is also appended to the LoRA folders, because a patch is
+    a LoRA file: the stock LoRA loaders and the Model Library list it where users look."""
     default = os.path.join(folder_paths.models_dir, FOLDER)
     if FOLDER in folder_paths.folder_names_and_paths:
         folder_paths.add_model_folder_path(FOLDER, default)
     else:
         folder_paths.folder_names_and_paths[FOLDER] = ([default], {".safetensors"})
+    for path in folder_paths.get_folder_paths(FOLDER):
+        folder_paths.add_model_folder_path("loras", path)
 
 
 class ApplyForgetPatch:

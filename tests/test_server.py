@@ -8,6 +8,7 @@ steps) so the module fits CI on 2 CPU cores; the workflow structure is exactly a
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -211,6 +212,52 @@ def test_saved_patch_is_offered_by_load_forget_patch(server: ComfyServer, van_go
     assert "fmn_test_van_gogh.safetensors" in choices
 
 
+def with_stock_lora_loaders(prompt: dict) -> dict:
+    """The stack workflow with each Load + Apply Forget Patch pair swapped for the host's
+    own LoraLoaderModelOnly on the same file and strength."""
+    prompt = json.loads(json.dumps(prompt))
+    for apply_id in node_ids(prompt, "FMN_ApplyForgetPatch"):
+        inputs = prompt[apply_id]["inputs"]
+        load_id = inputs["patch"][0]
+        prompt[apply_id] = {"class_type": "LoraLoaderModelOnly", "_meta": {"title": "stock"},
+                            "inputs": {"model": inputs["model"], "strength_model": inputs["strength"],
+                                       "lora_name": prompt.pop(load_id)["inputs"]["patch_name"]}}
+    return prompt
+
+
+def test_saved_patch_is_listed_and_applied_by_the_stock_lora_loader(server: ComfyServer, object_info: dict,
+                                                                     van_gogh: tuple[dict, dict]) -> None:
+    """Patches are LoRA files where users look for them: the stock loader lists a saved
+    patch and applies it exactly as Apply Forget Patch does."""
+    name = "fmn_test_van_gogh.safetensors"
+    choices = server.get("/object_info/LoraLoaderModelOnly")["LoraLoaderModelOnly"]["input"]["required"]["lora_name"][0]
+    assert name in choices
+    ours = stack_prompt(object_info, (name, name), 1.0)
+    stock = with_stock_lora_loaders(ours)
+    assert not {n["class_type"] for n in stock.values()} & {"FMN_ApplyForgetPatch", "FMN_LoadForgetPatch"}
+    assert len(node_ids(stock, "LoraLoaderModelOnly")) == 2
+    (by_pack,) = saved_images(server, server.run_prompt(ours, PROMPT_TIMEOUT_S), ours).values()
+    (by_stock,) = saved_images(server, server.run_prompt(stock, PROMPT_TIMEOUT_S), stock).values()
+    assert len(by_pack) == len(by_stock) == 1
+    assert image_pixels(by_pack[0]) == image_pixels(by_stock[0])
+
+
+def test_node_docs_are_served_and_current(server: ComfyServer, object_info: dict) -> None:
+    """Every node has a help page (with a picture) where the frontend's help panel looks,
+    and locale entries; both say what /object_info says (scripts/node_docs.py rewrites them)."""
+    import node_docs
+    assert node_docs.stale(object_info) == [], "run `.venv/bin/python scripts/node_docs.py`"
+    translations = server.get("/i18n")["en"]["nodeDefs"]
+    for node_id in NODE_CONTRACT:
+        page = server.get_bytes(f"/extensions/{PACK_DIR_NAME}/docs/{node_id}.md").decode()
+        assert page.startswith(f"# {object_info[node_id]['display_name']}\n"), node_id
+        pictures = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", page)
+        assert pictures, f"{node_id}: the help page has no picture"
+        for picture in pictures:
+            assert server.get_bytes(f"/extensions/{PACK_DIR_NAME}/docs/{picture}")[:8] == b"\x89PNG\r\n\x1a\n", picture
+        assert translations[node_id]["display_name"] == object_info[node_id]["display_name"]
+
+
 def test_stack_patches_workflow_runs(server: ComfyServer, object_info: dict, van_gogh: tuple[dict, dict]) -> None:
     # The second patch skips the aimed mode's encoding of ~280 preserve prompts (minutes of
     # CLIP-L on 2 CPU cores) and so also runs the plain "k/v" mode through the server.
@@ -269,3 +316,23 @@ def test_mscore_workflow_scores_the_forgotten_concept_and_draws_it_from_learned_
     batch = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in images["Images from the learned tokens"]]))
     rate = float(oracle.detects(loader.load_oracle().predict(batch.float() / 255), "Captain Zorb").float().mean())
     assert rate >= 0.5, f"the learned tokens drew Captain Zorb in {rate:.0%} of 8 samples"
+
+
+def test_extra_model_paths_folders_stay_listed_after_the_pack_loads(tmp_path: Path) -> None:
+    """Folders from extra_model_paths.yaml for forget_patches and loras keep their place;
+    the pack only appends its own, and every forget_patches folder joins the LoRA list."""
+    extra = tmp_path / "shared_models"
+    for sub, name in (("forget", "shared_patch.safetensors"), ("loras", "shared_lora.safetensors")):
+        (extra / sub).mkdir(parents=True)
+        (extra / sub / name).write_bytes(b"listed by name only")
+    config = tmp_path / "extra_model_paths.yaml"
+    config.write_text(f"shared:\n    base_path: {extra}\n    forget_patches: forget\n    loras: loras\n")
+    with running_server(tmp_path / "comfyui", extra_args=("--extra-model-paths-config", str(config))) as running:
+        folders = {f["name"]: f["folders"] for f in running.get("/experiment/models")}
+        patches = running.get("/object_info/FMN_LoadForgetPatch")["FMN_LoadForgetPatch"]["input"]["required"]["patch_name"][0]
+        loras = running.get("/object_info/LoraLoaderModelOnly")["LoraLoaderModelOnly"]["input"]["required"]["lora_name"][0]
+    assert folders["forget_patches"] == [str(extra / "forget"), str(running.patches_dir)]
+    assert folders["loras"][:1] == [str(running.models_dir / "loras")] and str(extra / "loras") in folders["loras"]
+    assert folders["loras"][-2:] == folders["forget_patches"]
+    assert patches == ["shared_patch.safetensors"]
+    assert {"shared_patch.safetensors", "shared_lora.safetensors"} <= set(loras)
