@@ -7,9 +7,11 @@ unpickles: the header is checked by hand before safetensors reads tensors
 """
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,6 +25,10 @@ from .safetensors_check import load_checked
 SUFFIXES = (".lora_up.weight", ".lora_down.weight", ".alpha")
 STRENGTH_RANGE = (-10.0, 10.0)
 LIST_FIELDS = ("fmn.concepts", "fmn.categories", "fmn.anchors")
+# The host's model config class -> the modelspec architecture id LoRA tools display.
+MODELSPEC_ARCH = {"SD15": "stable-diffusion-v1", "SD20": "stable-diffusion-v2", "SD21UnclipL": "stable-diffusion-v2",
+                  "SD21UnclipH": "stable-diffusion-v2", "SDXL": "stable-diffusion-xl-v1-base"}
+COVER_SIZE = 256  # longest side of the cover image kept in the header, in pixels
 
 
 @dataclass
@@ -43,6 +49,35 @@ class ForgetPatch:
 
     def size_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.lora.values())
+
+
+def model_card(arch: str, concepts: list[str], categories: list[str], steps: int, mode: str) -> dict[str, str]:
+    """The `modelspec.*` header fields that ComfyUI's Model Library (and other LoRA tools)
+    show for a file, so a patch says what it does without being opened."""
+    named = ", ".join(f"{c} ({k})" for c, k in zip(concepts, categories))
+    return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{MODELSPEC_ARCH.get(arch, arch)}/lora",
+        "modelspec.title": "Forget " + ", ".join(concepts),
+        "modelspec.description": f"Forget-Me-Not patch: the model forgets {named}. Trained {steps} steps, mode {mode}.",
+        "modelspec.usage_hint": "Apply to the MODEL only (Apply Forget Patch or LoraLoaderModelOnly) at strength 1; "
+                                "lower strength forgets less.",
+        "modelspec.tags": ", ".join(["forget-me-not", "concept erasure", *concepts]),
+    }
+
+
+def with_cover(patch: ForgetPatch, image: torch.Tensor) -> ForgetPatch:
+    """The patch with `image` (the first of an IMAGE batch, shrunk to COVER_SIZE) as its
+    Model Library cover: a PNG data URL in `modelspec.thumbnail`."""
+    from PIL import Image
+
+    pixels = (image[0].detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    picture = Image.fromarray(pixels[..., :3] if pixels.shape[-1] >= 3 else pixels[..., 0])
+    picture.thumbnail((COVER_SIZE, COVER_SIZE))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    thumbnail = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return replace(patch, metadata={**patch.metadata, "modelspec.thumbnail": thumbnail})
 
 
 def save_patch(patch: ForgetPatch, path: Path, overwrite: bool = False) -> Path:

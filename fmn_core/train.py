@@ -30,6 +30,7 @@ from .attention import ColumnEnergy, make_attn2_replace
 from .concepts import Concept, keep_prompts, preserve_prompts, with_kept
 from .latents import input_latents, noisy
 from .lora import FULL_RANK, LowRankDelta, disabled, export_kohya
+from .patch import model_card
 from .tokens import SpecialTokens, anchor_alignment, column_mask, concept_positions, content_tokens
 
 log = logging.getLogger(__name__)
@@ -355,7 +356,10 @@ def describe(patcher, layers, concepts: list[Concept], config: ForgetConfig, ran
     """Patch header metadata (safetensors metadata values are strings)."""
     from . import __version__
 
+    card = model_card(host.model_arch(patcher), [c.text for c in concepts], [c.category for c in concepts],
+                      config.steps, config.mode)
     return {
+        **card,
         "fmn.format": "forget-me-not/1",
         "fmn.pack_version": __version__,
         "fmn.concepts": json.dumps([c.text for c in concepts]),

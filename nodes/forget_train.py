@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..fmn_core import host
 from ..fmn_core.concepts import parse_concepts, parse_keep
+from ..fmn_core.loss_plot import loss_plot
 from ..fmn_core.patch import ForgetPatch, apply_patch
 from ..fmn_core.train import MODES, ForgetConfig, forget, latents_for_concepts
 
@@ -27,10 +28,11 @@ class ForgetTrain:
                    "receive (Forget-Me-Not attention re-steering) and by making their prompts denoise like the "
                    "same prompts with an anchor ('a person', 'an object', or nothing) in their place. Outputs the "
                    "patched model and a small patch that can be saved, shared and stacked like a LoRA.")
-    RETURN_TYPES = ("MODEL", "FORGET_PATCH")
-    RETURN_NAMES = ("model", "patch")
+    RETURN_TYPES = ("MODEL", "FORGET_PATCH", "IMAGE")
+    RETURN_NAMES = ("model", "patch", "loss_plot")
     OUTPUT_TOOLTIPS = ("The input model with the forget patch applied (the input itself is unchanged).",
-                       "The forget patch: connect it to Save Forget Patch or Apply Forget Patch.")
+                       "The forget patch: connect it to Save Forget Patch or Apply Forget Patch.",
+                       "The training loss per step and its smoothed trend: connect a Preview Image to see the run converge.")
     FUNCTION = "train"
 
     @classmethod
@@ -87,4 +89,4 @@ class ForgetTrain:
         latents = latents_for_concepts(model, parsed, images=images, vae=vae, latent=latent)
         result = forget(model, clip, parsed, config, latents, progress=host.Progress(steps))
         patch = ForgetPatch(result.lora, result.metadata)
-        return (apply_patch(model, patch, 1.0), patch)
+        return (apply_patch(model, patch, 1.0), patch, loss_plot(result.losses, "Forget Train"))

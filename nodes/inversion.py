@@ -8,6 +8,7 @@ from ..fmn_core.embedding import Embedding, describe, embedding_filename, save_e
 from ..fmn_core.files import inside
 from ..fmn_core.inversion import DEFAULT_TEMPLATE, InversionConfig, invert
 from ..fmn_core.latents import input_latents
+from ..fmn_core.loss_plot import loss_plot
 
 DEFAULTS = InversionConfig()
 TEMPLATE_TOOLTIP = ("Prompt templates, one per line, each with one {} where the learned tokens go; training "
@@ -37,10 +38,11 @@ class ConceptInversion:
     DESCRIPTION = ("Textual inversion: learns a few new token vectors that make the model reproduce the given "
                    "images, with the model frozen. Saves them to models/embeddings/<name>.safetensors, so "
                    "'embedding:<name>' works in any prompt, and Forget Train can then forget exactly those tokens.")
-    RETURN_TYPES = ("EMBEDDING", "STRING")
-    RETURN_NAMES = ("embedding", "prompt_word")
+    RETURN_TYPES = ("EMBEDDING", "STRING", "IMAGE")
+    RETURN_NAMES = ("embedding", "prompt_word", "loss_plot")
     OUTPUT_TOOLTIPS = ("The learned token vectors.",
-                       "'embedding:<name>': put it in a prompt or a Forget Train concept line.")
+                       "'embedding:<name>': put it in a prompt or a Forget Train concept line.",
+                       "The inversion loss per step and its smoothed trend: connect a Preview Image to see it converge.")
     FUNCTION = "invert"
     OUTPUT_NODE = True
 
@@ -88,7 +90,7 @@ class ConceptInversion:
         embedding = Embedding(path.stem, result.vectors, result.embedding_key, describe(init_text, config, result.losses))
         save_embedding(embedding, path, overwrite=overwrite)
         word = f"embedding:{path.stem}"
-        return {"ui": {"text": [f"saved {path.name}: use {word} in a prompt"]}, "result": (embedding, word)}
+        return {"ui": {"text": [f"saved {path.name}: use {word} in a prompt"]}, "result": (embedding, word, loss_plot(result.losses, "Concept Inversion"))}
 
 
 def config_from(template_text: str, **settings) -> InversionConfig:

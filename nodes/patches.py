@@ -7,7 +7,7 @@ import os
 import folder_paths
 
 from ..fmn_core.files import inside, safe_filename
-from ..fmn_core.patch import STRENGTH_RANGE, apply_patch, load_patch, save_patch
+from ..fmn_core.patch import STRENGTH_RANGE, apply_patch, load_patch, save_patch, with_cover
 
 FOLDER = "forget_patches"
 
@@ -70,7 +70,8 @@ class LoadForgetPatch:
 
 class SaveForgetPatch:
     CATEGORY = "Forget-Me-Not"
-    DESCRIPTION = "Saves a forget patch into models/forget_patches as a LoRA-format .safetensors file."
+    DESCRIPTION = ("Saves a forget patch into models/forget_patches as a LoRA-format .safetensors file whose header "
+                   "says what it forgets (shown in the Model Library, with an optional cover picture).")
     RETURN_TYPES = ()
     OUTPUT_NODE = True
     FUNCTION = "save"
@@ -82,10 +83,13 @@ class SaveForgetPatch:
             "filename": ("STRING", {"default": "forget_patch",
                                     "tooltip": "File name inside models/forget_patches (.safetensors is added)."}),
             "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace a file of the same name instead of stopping with an error."}),
+        }, "optional": {
+            "cover": ("IMAGE", {"tooltip": "A picture for the Model Library card (the first image, shrunk to 256 px, "
+                                           "kept in the file's header), e.g. an image sampled after forgetting."}),
         }}
 
-    def save(self, patch, filename, overwrite):
+    def save(self, patch, filename, overwrite, cover=None):
         folder = folder_paths.get_folder_paths(FOLDER)[0]
         path = inside(folder, safe_filename(filename, ".safetensors"))
-        save_patch(patch, path, overwrite=overwrite)
+        save_patch(patch if cover is None else with_cover(patch, cover), path, overwrite=overwrite)
         return {"ui": {"text": [path.name]}}

@@ -38,11 +38,12 @@ def sd1():
 def test_forget_train_leaves_the_input_model_untouched(sd1):
     model, clip = sd1
     state, before = host_state(model), sample(model, clip)
-    patched, patch = run_train(model, clip)
+    patched, patch, plot = run_train(model, clip)
     assert host_state(model) == state
     assert torch.equal(sample(model, clip), before)
     assert not torch.equal(sample(patched, clip), before)
     assert patch.concepts == ["van gogh"] and len(patched.patches) == 32
+    assert plot.shape == (1, 256, 512, 3) and 0 <= plot.min() < plot.max() <= 1
 
 
 def test_interrupt_stops_training_and_changes_nothing(sd1):
@@ -75,7 +76,7 @@ def test_images_need_a_vae(sd1):
 def test_training_from_latents_per_concept(sd1):
     model, clip = sd1
     latent = {"samples": torch.randn(4, 4, RESOLUTION // 8, RESOLUTION // 8, generator=torch.Generator().manual_seed(0))}
-    _, patch = run_train(model, clip, "van gogh | style | images=0-1\nred fox | images=2-3", latent=latent)
+    _, patch, _ = run_train(model, clip, "van gogh | style | images=0-1\nred fox | images=2-3", latent=latent)
     assert patch.concepts == ["van gogh", "red fox"]
     with pytest.raises(ValueError, match="asks for images 2-9 but only 4 were given"):
         run_train(model, clip, "red fox | images=2-9", latent=latent)
@@ -114,7 +115,7 @@ def test_chains_to_another_packs_attn2_replace(sd1):
     other = model.clone()
     for layer in host.attn2_layers(model):
         other.set_model_attn2_replace(other_pack, *layer.block[:2])
-    _, patch = run_train(other, clip, steps=2)
+    _, patch, _ = run_train(other, clip, steps=2)
     assert len(calls) >= 2 * 16
     ours = make_attn2_replace("x", lambda *a: None, other_pack)
     q, k, v = torch.randn(1, 4, 16), torch.randn(1, 3, 16), torch.randn(1, 3, 16)
@@ -150,7 +151,7 @@ def test_batch_masks_follow_the_host_head_order(sd1):
 
 
 def test_save_node_stays_in_its_folder_and_the_loader_lists_it(sd1, tmp_path):
-    _, patch = run_train(*sd1, steps=2)
+    _, patch, _ = run_train(*sd1, steps=2)
     folder_paths.folder_names_and_paths["forget_patches"] = ([str(tmp_path)], {".safetensors"})
     save = NODES["FMN_SaveForgetPatch"]()
     names = ["../../escape", "/etc/passwd", "CON", "a/b\\c", "x" * 300, "fine name.safetensors"]

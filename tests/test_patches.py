@@ -1,4 +1,6 @@
 """Forget patches: file format, stock-loader equivalence, stacking and refusals."""
+import base64
+import io
 import json
 
 import pytest
@@ -12,7 +14,7 @@ from hostile_files import trap_pickle
 import nodes as host_nodes
 from fmn_pack.fmn_core import host
 from fmn_pack.fmn_core.concepts import parse_concepts
-from fmn_pack.fmn_core.patch import ForgetPatch, apply_patch, load_patch, save_patch
+from fmn_pack.fmn_core.patch import COVER_SIZE, ForgetPatch, apply_patch, load_patch, save_patch, with_cover
 from fmn_pack.fmn_core.train import ForgetConfig, forget
 
 
@@ -47,6 +49,26 @@ def test_file_is_kohya_lora_with_metadata_and_no_embeddings(sd1, patch, tmp_path
     assert meta["fmn.rank"] == "6" and meta["fmn.steps"] == "4" and meta["fmn.learning_rate"] and meta["fmn.pack_version"]
     assert all(t.ndim == 2 or t.numel() == 1 for t in loaded.lora.values())
     assert all(torch.equal(loaded.lora[k], patch.lora[k]) for k in patch.lora)
+
+
+def test_header_carries_a_model_card_and_an_optional_cover(patch, tmp_path):
+    """What the Model Library shows: modelspec title, architecture, description, and a
+    cover picture only when one is given (the patch it was added to stays as it was)."""
+    from PIL import Image
+    meta = patch.metadata
+    assert meta["modelspec.title"] == "Forget van gogh"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert "van gogh (style)" in meta["modelspec.description"] and "4 steps" in meta["modelspec.description"]
+    assert "modelspec.thumbnail" not in meta
+    image = torch.zeros(2, 600, 300, 3)
+    image[0, :300] = torch.tensor([1.0, 0.5, 0.0])
+    covered = load_patch(save_patch(with_cover(patch, image), tmp_path / "covered.safetensors"))
+    assert "modelspec.thumbnail" not in patch.metadata
+    kind, _, data = covered.metadata["modelspec.thumbnail"].partition(",")
+    assert kind == "data:image/png;base64"
+    with Image.open(io.BytesIO(base64.b64decode(data))) as png:
+        assert png.size == (COVER_SIZE // 2, COVER_SIZE)
+        assert png.convert("RGB").getpixel((10, 10)) == (255, 128, 0) and png.convert("RGB").getpixel((10, 250)) == (0, 0, 0)
 
 
 def test_stock_lora_loader_yields_the_same_weights(sd1, patch, tmp_path):

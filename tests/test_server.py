@@ -34,15 +34,15 @@ NODE_CONTRACT = {
          "rank": "INT", "seed": "INT"},
         {"images": "IMAGE", "vae": "VAE", "latent": "LATENT", "mode": "COMBO", "include_end_token": "BOOLEAN",
          "batch_size": "INT", "resolution": "INT", "bf16": "BOOLEAN", "output_weight": "FLOAT", "keep": "STRING"},
-        ["MODEL", "FORGET_PATCH"], False),
+        ["MODEL", "FORGET_PATCH", "IMAGE"], False),
     "FMN_ApplyForgetPatch": ({"model": "MODEL", "patch": "FORGET_PATCH", "strength": "FLOAT"}, {}, ["MODEL"], False),
     "FMN_LoadForgetPatch": ({"patch_name": "COMBO"}, {}, ["FORGET_PATCH"], False),
-    "FMN_SaveForgetPatch": ({"patch": "FORGET_PATCH", "filename": "STRING", "overwrite": "BOOLEAN"}, {}, [], True),
+    "FMN_SaveForgetPatch": ({"patch": "FORGET_PATCH", "filename": "STRING", "overwrite": "BOOLEAN"}, {"cover": "IMAGE"}, [], True),
     "FMN_ConceptInversion": (
         {"model": "MODEL", "clip": "CLIP", "init_text": "STRING", "name": "STRING", "num_tokens": "INT", "steps": "INT",
          "learning_rate": "FLOAT", "seed": "INT"},
         {"images": "IMAGE", "vae": "VAE", "latent": "LATENT", "templates": "STRING", "batch_size": "INT", "overwrite": "BOOLEAN"},
-        ["EMBEDDING", "STRING"], True),
+        ["EMBEDDING", "STRING", "IMAGE"], True),
     "FMN_MScore": (
         {"original": "MODEL", "clip": "CLIP", "concept": "STRING", "init_text": "STRING", "num_tokens": "INT", "steps": "INT",
          "learning_rate": "FLOAT", "seed": "INT"},
@@ -232,6 +232,8 @@ def test_saved_patch_is_listed_and_applied_by_the_stock_lora_loader(server: Comf
     name = "fmn_test_van_gogh.safetensors"
     choices = server.get("/object_info/LoraLoaderModelOnly")["LoraLoaderModelOnly"]["input"]["required"]["lora_name"][0]
     assert name in choices
+    card = server.get(f"/view_metadata/loras?filename={name}")  # what the Model Library reads
+    assert card["modelspec.title"] == "Forget Van Gogh" and card["modelspec.architecture"] == "stable-diffusion-v1/lora"
     ours = stack_prompt(object_info, (name, name), 1.0)
     stock = with_stock_lora_loaders(ours)
     assert not {n["class_type"] for n in stock.values()} & {"FMN_ApplyForgetPatch", "FMN_LoadForgetPatch"}
