@@ -81,6 +81,12 @@ def server(tmp_path_factory) -> ComfyServer:
     with running_server(tmp_path_factory.mktemp("comfyui")) as running:
         # A fresh user is greeted by the templates dialog, which would cover the canvas.
         requests.post(f"{running.url}/api/settings/Comfy.TutorialCompleted", json=True, timeout=30).raise_for_status()
+        # The minimap and the render statistics would sit in every picture the tests take, and
+        # a whole workflow fitted into a thumbnail would be drawn as empty boxes (the level of
+        # detail that drops text below a font size; 0 turns it off).
+        for setting, value in (("Comfy.Minimap.Visible", False), ("Comfy.Graph.CanvasInfo", False),
+                               ("LiteGraph.Canvas.MinFontSizeForLOD", 0)):
+            requests.post(f"{running.url}/api/settings/{setting}", json=value, timeout=30).raise_for_status()
         yield running
 
 
@@ -328,4 +334,48 @@ def test_every_help_page_opens_from_the_node_library(frontend: WebDriver, pack_n
         if node_id == "FMN_ForgetTrain":
             frontend.save_screenshot(str(ARTIFACTS / "help_page.png"))
         close_help(frontend)
+    assert not [e for e in frontend.get_log("browser") if unexpected(e)]
+
+
+# --- workflow thumbnails for the templates browser -----------------------------------------
+
+WORKFLOWS = REPO / "workflows"
+SHOW_WORKFLOW_JS = """const app = window.comfyAPI.app.app, [left, top] = arguments[1];
+await app.loadGraphData(arguments[0]);
+const title = window.LiteGraph.NODE_TITLE_HEIGHT, nodes = app.graph.nodes;
+const x0 = Math.min(...nodes.map(n => n.pos[0])), y0 = Math.min(...nodes.map(n => n.pos[1] - title));
+const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0])), y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
+const box = app.canvas.canvas.getBoundingClientRect(), room = [box.width - left - 20, box.height - top - 20];
+const ds = app.canvas.ds;
+ds.scale = Math.min(room[0] / (x1 - x0), room[1] / (y1 - y0), 1);
+ds.offset = [(left + 10) / ds.scale - x0, (top + 10) / ds.scale - y0];
+app.graph.setDirtyCanvas(true, true); app.canvas.draw(true, true);
+return [nodes.map(n => n.type), [box.left, box.top, box.width, box.height, window.devicePixelRatio]];"""
+THUMBNAIL_WIDTH = 640
+# Screen strips the front end draws over the canvas: the tab and menu bars, the side bar.
+OVERLAYS_TOP, OVERLAYS_LEFT = 130, 60
+
+
+def test_each_workflow_opens_and_is_pictured_for_the_templates_browser(frontend: WebDriver) -> None:
+    """Every shipped workflow opens in the real front end with all its nodes known; its
+    screenshot, fitted to view, is the templates browser's thumbnail (workflows/<name>.jpg
+    are copies of out/test-artifacts/workflows/<name>.jpg)."""
+    from PIL import Image
+    folder = ARTIFACTS / "workflows"
+    folder.mkdir(parents=True, exist_ok=True)
+    known = set(frontend.execute_script("return Object.keys(window.LiteGraph.registered_node_types)"))
+    for path in sorted(WORKFLOWS.glob("*.json")):
+        workflow = json.loads(path.read_text())
+        types, (left, top, width, height, ratio) = frontend.execute_script(SHOW_WORKFLOW_JS, workflow, [OVERLAYS_LEFT, OVERLAYS_TOP])
+        assert sorted(types) == sorted(n["type"] for n in workflow["nodes"]), path.name
+        assert set(types) <= known, f"{path.name}: unknown node types {set(types) - known}"
+        shot = folder / f"{path.stem}-screen.png"
+        frontend.save_screenshot(str(shot))
+        with Image.open(shot) as screen:
+            box = [round(v * ratio) for v in (left + OVERLAYS_LEFT, top + OVERLAYS_TOP, left + width, top + height)]
+            picture = screen.convert("RGB").crop(box)
+        shot.unlink()
+        picture.thumbnail((THUMBNAIL_WIDTH, THUMBNAIL_WIDTH))
+        picture.save(folder / f"{path.stem}.jpg", quality=85)
+        assert len(set(picture.convert("L").getdata())) > 16, f"{path.name}: the graph drew as a flat picture"
     assert not [e for e in frontend.get_log("browser") if unexpected(e)]

@@ -169,6 +169,16 @@ def test_workflows_are_served_as_templates(server: ComfyServer) -> None:
     assert served == load_workflow("forget_concept")
 
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in WORKFLOWS.glob("*.json")))
+def test_each_workflow_has_a_thumbnail_and_no_model_links(server: ComfyServer, name: str) -> None:
+    """The templates browser shows <name>.jpg beside <name>.json; a model download link in a
+    workflow would be checked (and may be refused) by the front end, so none is shipped."""
+    assert server.get_bytes(f"/api/workflow_templates/{PACK_DIR_NAME}/{name}.jpg")[:3] == b"\xff\xd8\xff"
+    workflow = load_workflow(name)
+    assert not [n["type"] for n in workflow["nodes"] if n.get("properties", {}).get("models")]
+    assert not re.findall(r"https?://", json.dumps(workflow))
+
+
 @pytest.mark.parametrize("name", ["forget_concept", "stack_patches"])
 def test_shipped_workflows_match_node_definitions(object_info: dict, name: str) -> None:
     prompt = ui_to_api(load_workflow(name), object_info)
