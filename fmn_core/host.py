@@ -474,6 +474,10 @@ class Progress:
         mm.throw_exception_if_processing_interrupted()
         self._bar.update(1)
 
+    def start_at(self, done: int) -> None:
+        """A resumed run: the bar starts at the steps already done."""
+        self._bar.update_absolute(done)
+
 
 def loaded_forward(patcher) -> Callable:
     """Load `patcher` (merging its weight patches) and return its UNet forward, for

@@ -21,12 +21,13 @@ FLOAT_DTYPES = {"F16": 2, "F32": 4, "BF16": 2}
 MAX_HEADER = 16 * 1024 * 1024
 
 
-def read_header(path: str | os.PathLike, what: str, max_ndim: int = 2) -> dict:
+def read_header(path: str | os.PathLike, what: str, max_ndim: int = 2, suffix: str = ".safetensors") -> dict:
     """The JSON header of `path`, after checking it describes float tensors of at most
-    `max_ndim` dimensions that exactly tile the data. `what` names the file's role in errors."""
+    `max_ndim` dimensions that exactly tile the data. `what` names the file's role in errors;
+    `suffix` is the only file ending accepted (safetensors inside, whatever the name)."""
     name = os.path.basename(os.fspath(path))
-    if not os.fspath(path).endswith(".safetensors"):
-        raise ValueError(f"{name} is not a .safetensors file: {what} files are only read from safetensors "
+    if not os.fspath(path).endswith(suffix):
+        raise ValueError(f"{name} is not a {suffix} file: {what} files are only read from safetensors "
                          "(pickle-based .pt/.ckpt/.bin files are never loaded)")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -72,9 +73,10 @@ def _check_entries(name: str, what: str, header: dict, data_size: int, max_ndim:
                          "corrupt or crafted file")
 
 
-def load_checked(path: str | os.PathLike, what: str, max_ndim: int = 2) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_checked(path: str | os.PathLike, what: str, max_ndim: int = 2,
+                 suffix: str = ".safetensors") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a checked file; every value finite."""
-    header = read_header(path, what, max_ndim)
+    header = read_header(path, what, max_ndim, suffix)
     try:
         tensors = load_file(os.fspath(path))
     except SafetensorError as e:  # a case the checks above missed: still a clear refusal

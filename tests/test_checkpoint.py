@@ -1,0 +1,111 @@
+"""Save every N steps and resume: a run cancelled after a checkpoint and resumed from it
+ends with exactly the patch an uninterrupted run with the same seed gives (ToyBench, CPU)."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from fmn_pack.fmn_core.checkpoint import STATE_SUFFIX, Checkpoints, state_path
+from fmn_pack.fmn_core.concepts import parse_concepts
+from fmn_pack.fmn_core.patch import load_patch
+from fmn_pack.fmn_core.train import ForgetConfig, forget
+from fmn_pack.toybench import loader
+
+CONFIG = ForgetConfig(steps=6, resolution=32)
+CONCEPTS = parse_concepts("star | object")
+
+
+class Cancelled(Exception):
+    pass
+
+
+class CancelAfter:
+    """A progress callback that cancels the run once `steps` steps are done, as Cancel does."""
+
+    def __init__(self, steps: int):
+        self.left = steps
+
+    def step(self) -> None:
+        self.left -= 1
+        if self.left <= 0:
+            raise Cancelled
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return loader.load()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(toy):
+    return forget(toy[0], toy[1], CONCEPTS, CONFIG)
+
+
+def every(n: int, folder) -> Checkpoints:
+    return Checkpoints(n, lambda step: folder / f"run_step{step}.safetensors")
+
+
+def test_resume_ends_with_the_uninterrupted_runs_patch(toy, uninterrupted, tmp_path):
+    with pytest.raises(Cancelled):
+        forget(toy[0], toy[1], CONCEPTS, CONFIG, progress=CancelAfter(3), checkpoints=every(2, tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run_step2.fmn-state", "run_step2.safetensors"]
+    checkpoint = load_patch(tmp_path / "run_step2.safetensors")
+    assert checkpoint.metadata["fmn.steps"] == "2" and len(json_list(checkpoint.metadata["fmn.losses"])) == 2
+
+    resumed = forget(toy[0], toy[1], CONCEPTS, CONFIG, resume=state_path(tmp_path / "run_step2.safetensors"))
+    assert resumed.losses == uninterrupted.losses
+    assert resumed.lora.keys() == uninterrupted.lora.keys()
+    assert all(torch.equal(resumed.lora[k], uninterrupted.lora[k]) for k in uninterrupted.lora)
+    assert resumed.metadata == uninterrupted.metadata
+
+
+def test_a_longer_resume_continues_and_checkpoints_land_every_n(toy, uninterrupted, tmp_path):
+    forget(toy[0], toy[1], CONCEPTS, replace(CONFIG, steps=4), checkpoints=every(2, tmp_path))
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["run_step2.safetensors"]
+    resumed = forget(toy[0], toy[1], CONCEPTS, CONFIG, resume=state_path(tmp_path / "run_step2.safetensors"))
+    assert resumed.losses == uninterrupted.losses
+
+
+def test_resume_with_other_settings_or_past_the_end_is_refused(toy, tmp_path):
+    forget(toy[0], toy[1], CONCEPTS, replace(CONFIG, steps=3), checkpoints=every(2, tmp_path))
+    state = state_path(tmp_path / "run_step2.safetensors")
+    with pytest.raises(ValueError, match="learning_rate: saved 0.1, now 0.05"):
+        forget(toy[0], toy[1], CONCEPTS, replace(CONFIG, learning_rate=0.05), resume=state)
+    with pytest.raises(ValueError, match="concepts"):
+        forget(toy[0], toy[1], parse_concepts("moon | object"), CONFIG, resume=state)
+    with pytest.raises(ValueError, match="at step 2 and steps is 2: raise steps"):
+        forget(toy[0], toy[1], CONCEPTS, replace(CONFIG, steps=2), resume=state)
+    with pytest.raises(FileNotFoundError, match="save_every"):
+        forget(toy[0], toy[1], CONCEPTS, CONFIG, resume=tmp_path / f"missing{STATE_SUFFIX}")
+    state.write_bytes(state.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="run_step2.fmn-state"):
+        forget(toy[0], toy[1], CONCEPTS, CONFIG, resume=state)
+
+
+def test_an_existing_checkpoint_is_refused_before_training(toy, tmp_path):
+    (tmp_path / "run_step2.safetensors").write_bytes(b"someone's file")
+    calls = CancelAfter(100)
+    with pytest.raises(FileExistsError, match="run_step2.safetensors"):
+        forget(toy[0], toy[1], CONCEPTS, CONFIG, progress=calls, checkpoints=every(2, tmp_path))
+    assert calls.left == 100, "training started before the name clash was found"
+    assert (tmp_path / "run_step2.safetensors").read_bytes() == b"someone's file"
+
+
+def json_list(text: str) -> list:
+    import json
+    return json.loads(text)
+
+
+def test_the_node_saves_checkpoints_offers_them_and_resumes(toy, tmp_path, monkeypatch):
+    """Through Forget Train's own inputs: save_every writes <name>_step<N> into the patches
+    folder, resume_from lists it (its state file is listed nowhere) and resumes it."""
+    import folder_paths
+    from fmn_pack.nodes import NODE_CLASS_MAPPINGS as NODES
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "forget_patches", ([str(tmp_path)], {".safetensors"}))
+    node, train = NODES["FMN_ForgetTrain"], NODES["FMN_ForgetTrain"]().train
+    whole = train(toy[0], toy[1], "star | object", 4, 0.1, 4, 0, resolution=32, save_every=2, checkpoint_name="ckpt")[1]
+    assert folder_paths.get_filename_list("forget_patches") == ["ckpt_step2.safetensors"]
+    assert (tmp_path / "ckpt_step2.fmn-state").is_file()
+    assert node.INPUT_TYPES()["optional"]["resume_from"][0] == ["none", "ckpt_step2.safetensors"]
+    resumed = train(toy[0], toy[1], "star | object", 4, 0.1, 4, 0, resolution=32, resume_from="ckpt_step2.safetensors")[1]
+    assert all(torch.equal(resumed.lora[k], whole.lora[k]) for k in whole.lora) and resumed.metadata == whole.metadata
