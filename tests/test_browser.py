@@ -379,3 +379,36 @@ def test_each_workflow_opens_and_is_pictured_for_the_templates_browser(frontend:
         picture.save(folder / f"{path.stem}.jpg", quality=85)
         assert len(set(picture.convert("L").getdata())) > 16, f"{path.name}: the graph drew as a flat picture"
     assert not [e for e in frontend.get_log("browser") if unexpected(e)]
+
+
+# --- the newer Vue node renderer ("Nodes 2.0") -------------------------------------------------
+
+VUE_NODES = "Comfy.VueNodes.Enabled"
+GRID_IN_VUE_NODE_JS = """const grid = document.querySelector('.fmn-attention-grid');
+return !!grid && !!grid.closest('[data-node-id]') && grid.querySelectorAll('.fmn-attention-cell').length"""
+
+
+def test_grid_shows_in_the_vue_node_renderer(server: ComfyServer, frontend: WebDriver) -> None:
+    """The same workflow with the front end's Vue node renderer switched on: the viewer's
+    grid is drawn inside the Vue node, one cell per word and model, every map loaded."""
+    requests.post(f"{server.url}/api/settings/{VUE_NODES}", json=True, timeout=30).raise_for_status()
+    try:
+        frontend.get(server.url)
+        WebDriverWait(frontend, PAGE_TIMEOUT_S, POLL_S).until(
+            lambda d: d.execute_script(f"return !!(window.comfyAPI?.app?.app?.graph && "
+                                       f"window.LiteGraph?.registered_node_types?.{VIEWER})"),
+            f"the front end did not register {VIEWER} within {PAGE_TIMEOUT_S:.0f} s")
+        frontend.execute_script("return window.comfyAPI.app.app.loadGraphData(arguments[0])", json.loads(WORKFLOW.read_text()))
+        WebDriverWait(frontend, PAGE_TIMEOUT_S, POLL_S).until(
+            lambda d: d.execute_script("return document.querySelectorAll('[data-node-id]').length") > 0,
+            "the Vue renderer drew no node")
+        for node_type, steps in FEWER_STEPS.items():
+            frontend.execute_script(SET_WIDGET_JS, node_type, "steps", steps)
+        frontend.execute_script("return window.comfyAPI.app.app.queuePrompt(0)")
+        cells = WebDriverWait(frontend, RUN_TIMEOUT_S, POLL_S).until(
+            lambda d: d.execute_script(GRID_IN_VUE_NODE_JS), f"no grid in the Vue node within {RUN_TIMEOUT_S:.0f} s")
+        assert cells == len(MODELS) * len(WORDS)
+        wait_for_images(frontend)
+        frontend.save_screenshot(str(ARTIFACTS / "attention_maps_vue_nodes.png"))
+    finally:
+        requests.post(f"{server.url}/api/settings/{VUE_NODES}", json=False, timeout=30).raise_for_status()

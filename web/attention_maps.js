@@ -117,22 +117,25 @@ function growToFit(node) {
 }
 
 /**
- * The widget asks the canvas for the grid's real height, measured once the browser has laid
- * it out (the number of rows depends on the node's width), and grows the node to show it.
+ * The (empty) widget is added when the node is created: the Vue node renderer ("Nodes 2.0")
+ * mounts a node's DOM widgets when it first draws the node, so one added later would never
+ * show there. It reserves no height until there are maps; then it asks the canvas for the
+ * grid's real height, measured once the browser has laid it out (the number of rows depends
+ * on the node's width), and grows the node to show it.
  */
 function addMapsWidget(node) {
   const holder = element("div", "fmn-attention-widget");
-  let contentHeight = MIN_HEIGHT;
   const widget = node.addDOMWidget(WIDGET_NAME, "fmn_attention", holder, {
     serialize: false,
     hideOnZoom: false,
-    getMinHeight: () => contentHeight + 2 * widget.margin,
+    getMinHeight: () => widget.contentHeight + (widget.contentHeight ? 2 * widget.margin : 0),
   });
   widget.serialize = false;
+  widget.contentHeight = 0;
   widget.gridObserver = new ResizeObserver(([entry]) => {
     const height = Math.ceil(entry.target.offsetHeight);
-    if (height > 0 && height !== contentHeight) {
-      contentHeight = height;
+    if (height > 0 && height !== widget.contentHeight) {
+      widget.contentHeight = height;
       growToFit(node);
     }
   });
@@ -144,6 +147,8 @@ function showMaps(node, entries) {
   const widget = node.widgets?.find((w) => w.name === WIDGET_NAME) ?? addMapsWidget(node);
   const content = grid(entries);
   widget.element.replaceChildren(content);
+  widget.contentHeight ||= MIN_HEIGHT;  // until the browser has measured the grid
+  growToFit(node);
   widget.gridObserver.disconnect();
   widget.gridObserver.observe(content);
 }
@@ -153,6 +158,11 @@ app.registerExtension({
   setup: injectStyle,
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name !== NODE_NAME) return;
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      onNodeCreated?.apply(this, arguments);
+      addMapsWidget(this);
+    };
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
