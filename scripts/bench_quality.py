@@ -14,7 +14,8 @@ Training sees the pack's category templates ("a photo of {}", ...) and eight ren
 images of each concept; evaluation uses the world's own prompts ("a portrait of ...",
 "a {object} in the style of {style}") and seeds 9000+, so both are held out.
 
-Concept Inversion and M-Score (`--no-inversion` skips them):
+Concept Inversion and M-Score (`--no-inversion` skips them), and the anchor floor: how often
+the original model already draws each object for the object anchor's prompts.
 
 - recovery: each concept's eight images inverted from a generic word ("person",
   "object", "style") through the original model; the oracle's detection rate in samples
@@ -26,9 +27,10 @@ Concept Inversion and M-Score (`--no-inversion` skips them):
   like it); after the three-concept run, of all twelve (so a forgotten concept's drop can
   be set beside the kept ones').
 
-Writes bench/quality.json and bench/QUALITY.md (the README's table). About 30 minutes on
-2 CPU cores. `--runs` picks runs by name, `--recipe NAME=JSON` adds or overrides a
-recipe (ForgetConfig fields), to compare settings quickly.
+Writes bench/quality.json and bench/QUALITY.md (the README's table). About an hour on 2
+CPU cores (67 min for the last full run, on a shared machine). `--runs` picks runs by name,
+`--recipe NAME=JSON` adds or overrides a recipe (ForgetConfig fields), to compare settings
+quickly.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,6 +136,9 @@ def main(argv=None) -> None:
     ap.add_argument("--only-inversion", action="store_true",
                     help="re-measure only Concept Inversion and M-Score into the existing --out (the pack-defaults "
                          "patches are retrained with the same seed; the forgetting results are kept)")
+    ap.add_argument("--only-anchor-floor", action="store_true",
+                    help="measure only how often the original model draws each object for the object anchor's prompts, "
+                         "into the existing --out")
     args = ap.parse_args(argv)
     keep = 2 if args.quick else 1
     seeds = (list(SEEDS_IDENTITY[:len(SEEDS_IDENTITY) // keep]), list(SEEDS_SCENE[:len(SEEDS_SCENE) // keep]))
@@ -156,6 +162,10 @@ def main(argv=None) -> None:
     oracle_net = loader.load_oracle(folder)
     if args.only_inversion:
         return remeasure_inversion(toy, oracle_net, all_runs, seeds[0], args.seed, Path(args.out))
+    if args.only_anchor_floor:
+        report = json.loads(Path(args.out).read_text())
+        report["anchor_floor"] = anchor_floor(toy, oracle_net, seeds[0])
+        return write_report(report, Path(args.out), table=Path(args.out) == OUT / "quality.json")
     t0 = time.perf_counter()
     base = rates(toy[0], toy, oracle_net, seeds)
     print(f"base detection ({time.perf_counter() - t0:.0f}s): {json.dumps({k: round(v, 3) for k, v in base.items()})}", flush=True)
@@ -185,6 +195,7 @@ def main(argv=None) -> None:
         return merge_results(Path(args.out), report, all_runs)
     if not args.no_inversion:
         report["inversion"] = inversion_report(toy, oracle_net, patched_models, all_runs, seeds[0])
+    report["anchor_floor"] = anchor_floor(toy, oracle_net, seeds[0])
     write_report(report, Path(args.out), table=not args.runs and not args.only_recipes)
     print(f"wrote {args.out} ({time.perf_counter() - t0:.0f}s)")
 
@@ -221,6 +232,31 @@ def remeasure_inversion(toy, oracle_net, all_runs: dict, seeds: list[int], seed:
     report["inversion"]["measured"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     write_report(report, out, table=out == OUT / "quality.json")
     print(f"rewrote the inversion section of {out}")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A prompt scored for every object concept (toy_train.detection_rates' scene interface)."""
+
+    prompt: str
+    concepts: tuple[str, ...]
+    identity: bool = False
+
+
+def anchor_floor(toy, oracle_net, seeds: list[int]) -> dict[str, dict[str, float]]:
+    """How often the original model's samples of the object anchor's prompts already show
+    each object: a patch that makes an object's prompts denoise like the anchor's cannot
+    erase it below this (the generator draws these prompts as a plain block, no object)."""
+    import torch
+    from fmn_pack.toybench import train as toy_train, world
+    mp, clip, vae = toy
+    out = {}
+    with torch.inference_mode():
+        for prompt in ("an object", "an object in the style of"):
+            rates = toy_train.detection_rates(mp, clip, vae, oracle_net, seeds, seeds, scenes=[Probe(prompt, world.OBJECTS)])
+            out[prompt] = {c: round(v, 3) for c, v in rates.items()}
+            print(f"anchor floor {prompt!r}: {json.dumps(out[prompt])}", flush=True)
+    return out
 
 
 def neighbours(forgotten: list[str]) -> list[str]:
@@ -285,6 +321,12 @@ def markdown(report: dict) -> str:
                      f"{three[concept]:.3f}" if concept in three else "-"]
             rows.append(f"| {concept} | {rec['detection_initial']:.2f} -> {rec['detection_learned']:.2f} | "
                         f"{before[concept]:.3f} | " + " | ".join(cells) + " |")
+    floor = report.get("anchor_floor")
+    if floor:
+        objects = list(next(iter(floor.values())))
+        rows += ["", "| the original model's samples of the object anchor | " + " | ".join(objects) + " |",
+                 "|---|" + "---|" * len(objects)]
+        rows += [f"| \"{prompt}\" | " + " | ".join(f"{rates[o]:.2f}" for o in objects) + " |" for prompt, rates in floor.items()]
     return "\n".join(rows) + "\n"
 
 
