@@ -109,9 +109,10 @@ class ForgetTrain:
 
 
 def resumable() -> list[str]:
-    """Patches in the forget_patches folders that have a training state beside them."""
-    return [name for name in folder_paths.get_filename_list(FOLDER)
-            if state_path(folder_paths.get_full_path_or_raise(FOLDER, name)).is_file()]
+    """Patches in the forget_patches folders that have a training state beside them (a file
+    removed since the host listed the folder is skipped, not an error)."""
+    paths = {name: folder_paths.get_full_path(FOLDER, name) for name in folder_paths.get_filename_list(FOLDER)}
+    return [name for name, path in paths.items() if path and state_path(path).is_file()]
 
 
 def checkpoints(every: int, name: str) -> Checkpoints | None:

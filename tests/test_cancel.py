@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 
 import aiohttp
@@ -24,6 +25,7 @@ BATCH = 16            # ~0.5-1 s per step on 2 CPU cores
 INTERRUPT_AT = 3      # steps seen done before Cancel
 TIMEOUT_S = 600.0
 PATCH_NAME = "cancelled"
+HISTORY_WAIT_S = 30.0
 
 
 def training_prompt() -> dict:
@@ -64,10 +66,19 @@ async def cancel_mid_run(url: str) -> tuple[int, int, list[str]]:
         return at_interrupt, seen, endings
 
 
+def recorded_history(server: ComfyServer) -> list[dict]:
+    """The history once the server has stored the ended prompt (it may announce the end over
+    the websocket a moment before)."""
+    deadline = time.monotonic() + HISTORY_WAIT_S
+    while not (history := list(server.get("/history").values())) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return history
+
+
 def test_cancel_ends_forget_train_within_one_step_and_writes_nothing(tmp_path) -> None:
     with running_server(tmp_path / "comfyui") as server:
         at_interrupt, last, endings = asyncio.run(asyncio.wait_for(cancel_mid_run(server.url), TIMEOUT_S))
-        history = list(server.get("/history").values())
+        history = recorded_history(server)
         log = server.log_text()
         patches = sorted(p.name for p in server.patches_dir.glob("*")) if server.patches_dir.exists() else []
     assert endings == ["execution_interrupted"], (endings, log[-3000:])
