@@ -1,8 +1,9 @@
-"""Training state for save-every-N and resume, so a long Forget Train run survives Cancel,
-a crash or a closed laptop and ends exactly where an uninterrupted run would.
+"""Training state for save-every-N and resume, so a long Forget Train or Concept Inversion
+run survives Cancel, a crash or a closed laptop and ends exactly where an uninterrupted run
+would.
 
-A checkpoint is a usable patch (`<name>_step<N>.safetensors`, the ordinary LoRA file, so it
-can be applied or compared right away) plus a state file beside it
+A checkpoint is a usable result (`<name>_step<N>.safetensors`: the ordinary LoRA file, or
+embedding file, so it can be applied or compared right away) plus a state file beside it
 (`<name>_step<N>.fmn-state`, safetensors inside, never pickle; its suffix keeps it out of
 the LoRA lists): the trainable factors, AdamW's moments and step counts, the random
 generator's state and the losses so far. The random generator drives the
@@ -63,10 +64,11 @@ class Checkpoints:
             raise FileExistsError(f"checkpoint {taken[0]} already exists: pick another checkpoint name or move the old files")
 
 
-def settings_of(config, concepts: list[str], fingerprint: str) -> dict:
-    """What must agree between a saved state and the run that resumes it."""
+def settings_of(config, **inputs) -> dict:
+    """What must agree between a saved state and the run that resumes it: the config's
+    fields (but steps) and the run's other inputs, as they read back from the file's JSON."""
     fields = {k: v for k, v in asdict(config).items() if k not in FREE_FIELDS}
-    return {**fields, "keep": list(config.keep), "concepts": concepts, "base_fingerprint": fingerprint}
+    return json.loads(json.dumps({**fields, **inputs}))
 
 
 def capture(step: int, params: list[torch.Tensor], optimizer: torch.optim.Optimizer, generator: torch.Generator,

@@ -10,11 +10,14 @@ The result is saved in the host's embedding format and used as `embedding:NAME`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
 from . import host
+from .checkpoint import Checkpoints, capture, load_state, restore, save_state, settings_of, state_path
+from .embedding import Embedding, describe, save_embedding
 from .latents import noisy
 from .text_encoder import TextEncoder
 from .tokens import SpecialTokens, content_tokens
@@ -95,14 +98,26 @@ class Prompts:
         return encoder.context(torch.stack(chunks))
 
 
-def invert(patcher, clip, latents: torch.Tensor, init_text: str, config: InversionConfig, progress=None) -> InversionResult:
+def invert(patcher, clip, latents: torch.Tensor, init_text: str, config: InversionConfig, progress=None,
+           checkpoints: Checkpoints | None = None, resume: Path | None = None) -> InversionResult:
     """Learn `config.num_tokens` rows so that `patcher` denoises `latents` (model space,
-    (N, C, H, W)) under the templates with the rows in place; the model and CLIP are untouched."""
+    (N, C, H, W)) under the templates with the rows in place; the model and CLIP are untouched.
+
+    `checkpoints` writes the embedding so far and its training state every N steps;
+    `resume` (a state file) continues such a run, with the same settings, to `config.steps`."""
     config.validate()
     if latents is None or len(latents) == 0:
         raise ValueError("Concept Inversion needs the concept's images (with a VAE) or a latent batch")
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed)
+    settings = settings_of(config, init_text=init_text,
+                           base_fingerprint=host.model_fingerprint(patcher, host.attn2_layers(patcher)))
+    state = load_state(resume, settings) if resume is not None else None
+    start = state.step if state is not None else 0
+    if start >= config.steps:
+        raise ValueError(f"the training state is at step {start} and steps is {config.steps}: raise steps to continue")
+    if checkpoints is not None:
+        checkpoints.check_free(start, config.steps)
     device = host.device()
     sampling = host.model_sampling(patcher)
     with torch.inference_mode(False):
@@ -112,9 +127,13 @@ def invert(patcher, clip, latents: torch.Tensor, init_text: str, config: Inversi
         rows = torch.nn.Parameter(initial.clone())
         optimizer = torch.optim.AdamW([rows], lr=config.learning_rate, weight_decay=0.0)
         latents = latents.float().detach().clone()
-        losses: list[float] = []
+        losses: list[float] = list(state.losses) if state is not None else []
+        if state is not None:
+            restore(state, [rows], optimizer, generator)
+            if progress is not None:
+                progress.start_at(start)
         with host.trainable_unet(patcher.clone(), {}) as unet:
-            for step in range(config.steps):
+            for step in range(start, config.steps):
                 loss = _step_loss(unet, encoder, prompts, rows, latents, sampling, generator, config, step, device)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -122,6 +141,11 @@ def invert(patcher, clip, latents: torch.Tensor, init_text: str, config: Inversi
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"Concept Inversion diverged at step {step + 1}: lower learning_rate")
                 losses.append(float(loss.detach()))
+                if checkpoints is not None and step + 1 in checkpoints.steps(config.steps):
+                    path = checkpoints.path_for(step + 1)
+                    metadata = describe(init_text, replace(config, steps=step + 1), losses)
+                    save_embedding(Embedding(path.stem, rows.detach().clone(), encoder.spec.embedding_key, metadata), path)
+                    save_state(state_path(path), capture(step + 1, [rows], optimizer, generator, losses), settings)
                 if progress is not None:
                     progress.step()
         vectors = rows.detach().clone()

@@ -261,7 +261,7 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
     mode = MODES[config.mode]
     generator = torch.Generator().manual_seed(config.seed)
     layers = host.attn2_layers(patcher)
-    settings = settings_of(config, [c.text for c in concepts], host.model_fingerprint(patcher, layers))
+    settings = settings_of(config, concepts=[c.text for c in concepts], base_fingerprint=host.model_fingerprint(patcher, layers))
     state = load_state(resume, settings) if resume is not None else None
     start = state.step if state is not None else 0
     if start >= config.steps:

@@ -1,15 +1,12 @@
 """FMN_ForgetTrain: attention re-steering from a list of concepts to a patched MODEL."""
 from __future__ import annotations
 
-import folder_paths
-
 from ..fmn_core import host
-from ..fmn_core.checkpoint import Checkpoints, state_path
 from ..fmn_core.concepts import parse_concepts, parse_keep
-from ..fmn_core.files import inside, safe_filename
 from ..fmn_core.loss_plot import loss_plot
 from ..fmn_core.patch import ForgetPatch, apply_patch
 from ..fmn_core.train import MODES, ForgetConfig, forget, latents_for_concepts
+from .checkpoint_inputs import NO_RESUME, checkpoints, resume_input, resume_path, save_every_input
 from .patches import FOLDER
 
 DEFAULTS = ForgetConfig()
@@ -24,11 +21,6 @@ KEEP_TOOLTIP = (
     "also holds the original model's output on their prompts and on the concepts' prompts with them added, "
     "so neighbours and combinations survive. Empty: no preservation term."
 )
-NO_RESUME = "none"
-SAVE_EVERY_TOOLTIP = ("Every N steps, write the patch so far to models/forget_patches/<checkpoint_name>_step<N>.safetensors "
-                      "with its training state beside it, so a cancelled or crashed run can resume. 0: off.")
-RESUME_TOOLTIP = ("Continue a run from one of its checkpoints (with the same inputs and settings; only steps may grow): "
-                  "it ends with exactly the patch the uninterrupted run gives.")
 MODE_TOOLTIP = "Which weights train. " + "; ".join(f"'{name}': {mode.description}" for name, mode in MODES.items()) + "."
 
 
@@ -77,10 +69,10 @@ class ForgetTrain:
                                             "tooltip": "Weight of the output term: the concept's prompts should denoise like the same "
                                                        "prompts with the anchor in its place. 0 = the paper's attention loss alone."}),
                 "keep": ("STRING", {"multiline": True, "default": "", "tooltip": KEEP_TOOLTIP}),
-                "save_every": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip": SAVE_EVERY_TOOLTIP}),
+                "save_every": save_every_input("patch", FOLDER),
                 "checkpoint_name": ("STRING", {"default": "forget_checkpoint",
-                                               "tooltip": "File name stem of the checkpoints save_every writes."}),
-                "resume_from": ([NO_RESUME, *resumable()], {"default": NO_RESUME, "tooltip": RESUME_TOOLTIP}),
+                                               "tooltip": "File name stem (<name>) of the checkpoints save_every writes."}),
+                "resume_from": resume_input(FOLDER),
             },
         }
 
@@ -103,24 +95,7 @@ class ForgetTrain:
                               bf16=bf16, output_weight=output_weight, keep=parse_keep(keep, parsed))
         latents = latents_for_concepts(model, parsed, images=images, vae=vae, latent=latent)
         result = forget(model, clip, parsed, config, latents, progress=host.Progress(steps),
-                        checkpoints=checkpoints(save_every, checkpoint_name), resume=resume_path(resume_from))
+                        checkpoints=checkpoints(FOLDER, save_every, checkpoint_name), resume=resume_path(FOLDER, resume_from))
         patch = ForgetPatch(result.lora, result.metadata)
         return (apply_patch(model, patch, 1.0), patch, loss_plot(result.losses, "Forget Train"))
 
-
-def resumable() -> list[str]:
-    """Patches in the forget_patches folders that have a training state beside them (a file
-    removed since the host listed the folder is skipped, not an error)."""
-    paths = {name: folder_paths.get_full_path(FOLDER, name) for name in folder_paths.get_filename_list(FOLDER)}
-    return [name for name, path in paths.items() if path and state_path(path).is_file()]
-
-
-def checkpoints(every: int, name: str) -> Checkpoints | None:
-    if not every:
-        return None
-    folder = folder_paths.get_folder_paths(FOLDER)[0]
-    return Checkpoints(every, lambda step: inside(folder, safe_filename(f"{name}_step{step}", ".safetensors")))
-
-
-def resume_path(name: str):
-    return None if name == NO_RESUME else state_path(folder_paths.get_full_path_or_raise(FOLDER, name))

@@ -9,8 +9,10 @@ from ..fmn_core.files import inside
 from ..fmn_core.inversion import DEFAULT_TEMPLATE, InversionConfig, invert
 from ..fmn_core.latents import input_latents
 from ..fmn_core.loss_plot import loss_plot
+from .checkpoint_inputs import NO_RESUME, checkpoints, resume_input, resume_path, save_every_input
 
 DEFAULTS = InversionConfig()
+FOLDER = "embeddings"
 TEMPLATE_TOOLTIP = ("Prompt templates, one per line, each with one {} where the learned tokens go; training "
                     "cycles through them. Use the phrasing your model knows for this kind of concept.")
 
@@ -63,6 +65,8 @@ class ConceptInversion:
                 "templates": ("STRING", {"multiline": True, "default": DEFAULT_TEMPLATE, "tooltip": TEMPLATE_TOOLTIP}),
                 "batch_size": ("INT", {"default": DEFAULTS.batch_size, "min": 1, "max": 64, "tooltip": "Images per step."}),
                 "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an embedding file of the same name."}),
+                "save_every": save_every_input("embedding", FOLDER),
+                "resume_from": resume_input(FOLDER),
             },
         }
 
@@ -78,15 +82,17 @@ class ConceptInversion:
         return True
 
     def invert(self, model, clip, init_text, name, num_tokens, steps, learning_rate, seed, images=None, vae=None,
-               latent=None, templates=DEFAULT_TEMPLATE, batch_size=DEFAULTS.batch_size, overwrite=False):
+               latent=None, templates=DEFAULT_TEMPLATE, batch_size=DEFAULTS.batch_size, overwrite=False, save_every=0,
+               resume_from=NO_RESUME):
         config = config_from(templates, num_tokens=num_tokens, steps=steps, learning_rate=learning_rate, seed=seed,
                              batch_size=batch_size)
         config.validate()
-        path = inside(folder_paths.get_folder_paths("embeddings")[0], embedding_filename(name))
+        path = inside(folder_paths.get_folder_paths(FOLDER)[0], embedding_filename(name))
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path.name} already exists in {path.parent}: pick another name or enable overwrite")
         samples = input_latents(model, images, vae, latent)
-        result = invert(model, clip, samples, init_text, config, progress=host.Progress(steps))
+        result = invert(model, clip, samples, init_text, config, progress=host.Progress(steps),
+                        checkpoints=checkpoints(FOLDER, save_every, path.stem), resume=resume_path(FOLDER, resume_from))
         embedding = Embedding(path.stem, result.vectors, result.embedding_key, describe(init_text, config, result.losses))
         save_embedding(embedding, path, overwrite=overwrite)
         word = f"embedding:{path.stem}"

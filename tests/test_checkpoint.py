@@ -110,3 +110,22 @@ def test_the_node_saves_checkpoints_offers_them_and_resumes(toy, tmp_path, monke
     assert node.INPUT_TYPES()["optional"]["resume_from"][0] == ["none", "ckpt_step2.safetensors"]
     resumed = train(toy[0], toy[1], "star | object", 4, 0.1, 4, 0, resolution=32, resume_from="ckpt_step2.safetensors")[1]
     assert all(torch.equal(resumed.lora[k], whole.lora[k]) for k in whole.lora) and resumed.metadata == whole.metadata
+
+
+def test_an_inversion_resumed_from_its_checkpoint_ends_where_the_uninterrupted_one_does(toy, tmp_path):
+    """Concept Inversion's save every N and resume: the same rows, losses and checkpoint
+    embedding file (usable as embedding:<name>_step<N>) as for the patch above."""
+    from fmn_pack.fmn_core.inversion import InversionConfig, invert
+    from fmn_pack.fmn_core.safetensors_check import load_checked
+    latents = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    config = InversionConfig(steps=5, batch_size=2, learning_rate=1e-2)
+    whole = invert(toy[0], toy[1], latents, "thing", config)
+    with pytest.raises(Cancelled):
+        invert(toy[0], toy[1], latents, "thing", config, progress=CancelAfter(3), checkpoints=every(2, tmp_path))
+    tensors, metadata = load_checked(tmp_path / "run_step2.safetensors", "embedding")
+    assert list(tensors) == [whole.embedding_key] and tensors[whole.embedding_key].shape == whole.vectors.shape
+    assert metadata["fmn.steps"] == "2"
+    resumed = invert(toy[0], toy[1], latents, "thing", config, resume=state_path(tmp_path / "run_step2.safetensors"))
+    assert resumed.losses == whole.losses and torch.equal(resumed.vectors, whole.vectors)
+    with pytest.raises(ValueError, match="init_text"):
+        invert(toy[0], toy[1], latents, "person", config, resume=state_path(tmp_path / "run_step2.safetensors"))

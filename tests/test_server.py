@@ -42,7 +42,8 @@ NODE_CONTRACT = {
     "FMN_ConceptInversion": (
         {"model": "MODEL", "clip": "CLIP", "init_text": "STRING", "name": "STRING", "num_tokens": "INT", "steps": "INT",
          "learning_rate": "FLOAT", "seed": "INT"},
-        {"images": "IMAGE", "vae": "VAE", "latent": "LATENT", "templates": "STRING", "batch_size": "INT", "overwrite": "BOOLEAN"},
+        {"images": "IMAGE", "vae": "VAE", "latent": "LATENT", "templates": "STRING", "batch_size": "INT", "overwrite": "BOOLEAN",
+         "save_every": "INT", "resume_from": "COMBO"},
         ["EMBEDDING", "STRING", "IMAGE"], True),
     "FMN_MScore": (
         {"original": "MODEL", "clip": "CLIP", "concept": "STRING", "init_text": "STRING", "num_tokens": "INT", "steps": "INT",
