@@ -101,6 +101,19 @@ def restore(state: TrainingState, params: list[torch.Tensor], optimizer: torch.o
     generator.set_state(state.generator)
 
 
+def starting_state(resume: Path | None, checkpoints: Checkpoints | None, settings: dict,
+                   steps: int) -> TrainingState | None:
+    """The saved state a run continues from (None: a fresh run), after refusing a state that
+    has already reached `steps` and any checkpoint file the run would replace."""
+    state = load_state(resume, settings) if resume is not None else None
+    start = state.step if state is not None else 0
+    if start >= steps:
+        raise ValueError(f"the training state is at step {start} and steps is {steps}: raise steps to continue")
+    if checkpoints is not None:
+        checkpoints.check_free(start, steps)
+    return state
+
+
 def state_path(patch_path: str | Path) -> Path:
     return Path(patch_path).with_suffix(STATE_SUFFIX)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import host
-from .checkpoint import Checkpoints, capture, load_state, restore, save_state, settings_of, state_path
+from .checkpoint import Checkpoints, capture, restore, save_state, settings_of, starting_state, state_path
 from .embedding import Embedding, describe, save_embedding
 from .latents import noisy
 from .text_encoder import TextEncoder
@@ -112,12 +112,8 @@ def invert(patcher, clip, latents: torch.Tensor, init_text: str, config: Inversi
     generator = torch.Generator().manual_seed(config.seed)
     settings = settings_of(config, init_text=init_text,
                            base_fingerprint=host.model_fingerprint(patcher, host.attn2_layers(patcher)))
-    state = load_state(resume, settings) if resume is not None else None
+    state = starting_state(resume, checkpoints, settings, config.steps)
     start = state.step if state is not None else 0
-    if start >= config.steps:
-        raise ValueError(f"the training state is at step {start} and steps is {config.steps}: raise steps to continue")
-    if checkpoints is not None:
-        checkpoints.check_free(start, config.steps)
     device = host.device()
     sampling = host.model_sampling(patcher)
     with torch.inference_mode(False):

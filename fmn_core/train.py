@@ -31,7 +31,7 @@ from .attention import ColumnEnergy, make_attn2_replace
 from .concepts import Concept, keep_prompts, preserve_prompts, with_kept
 from .latents import input_latents, noisy
 from .lora import FULL_RANK, LowRankDelta, disabled, export_kohya
-from .checkpoint import Checkpoints, TrainingState, capture, load_state, restore, save_state, settings_of, state_path
+from .checkpoint import Checkpoints, TrainingState, capture, restore, save_state, settings_of, starting_state, state_path
 from .patch import ForgetPatch, model_card, save_patch
 from .tokens import SpecialTokens, anchor_alignment, column_mask, concept_positions, content_tokens
 
@@ -262,12 +262,8 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
     generator = torch.Generator().manual_seed(config.seed)
     layers = host.attn2_layers(patcher)
     settings = settings_of(config, concepts=[c.text for c in concepts], base_fingerprint=host.model_fingerprint(patcher, layers))
-    state = load_state(resume, settings) if resume is not None else None
+    state = starting_state(resume, checkpoints, settings, config.steps)
     start = state.step if state is not None else 0
-    if start >= config.steps:
-        raise ValueError(f"the training state is at step {start} and steps is {config.steps}: raise steps to continue")
-    if checkpoints is not None:
-        checkpoints.check_free(start, config.steps)
     examples = build_examples(clip, concepts, config.include_end_token, config.keep)
     basis = concept_basis(clip, examples, len(concepts), config.rank) if mode.aimed else None
     rank = basis.shape[1] if mode.aimed else config.rank
