@@ -29,7 +29,7 @@ from .safetensors_check import load_checked
 
 STATE_SUFFIX = ".fmn-state"
 FORMAT = "forget-me-not-state/1"
-# ForgetConfig fields a resumed run may change: how long it runs. Every other field must match.
+# Config fields a resumed run may change: how long it runs. Every other field must match.
 FREE_FIELDS = ("steps",)
 
 
@@ -49,13 +49,17 @@ class TrainingState:
 @dataclass
 class Checkpoints:
     """Save-every-N settings of one run: every `every` steps (not at the last, which is the
-    run's own result) a patch is written to `path_for(step)` and its state beside it."""
+    run's own result) the result so far is written to `path_for(step)` and its state beside it."""
 
     every: int
     path_for: Callable[[int], Path]
 
     def steps(self, total: int) -> list[int]:
         return list(range(self.every, total, self.every)) if self.every > 0 else []
+
+    def due(self, done: int, total: int) -> bool:
+        """Whether a checkpoint is written once `done` of `total` steps are finished."""
+        return self.every > 0 and done % self.every == 0 and done < total
 
     def check_free(self, start: int, total: int) -> None:
         """Refuse before training, not after minutes of it, when a checkpoint would replace a file."""
@@ -114,6 +118,18 @@ def starting_state(resume: Path | None, checkpoints: Checkpoints | None, setting
     return state
 
 
+def resumed(state: TrainingState | None, params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
+            generator: torch.Generator, progress=None) -> tuple[int, list[float]]:
+    """(first step to run, losses so far) of a freshly built run; a saved state is put back
+    into it first, and a progress bar moved to where it left off."""
+    if state is None:
+        return 0, []
+    restore(state, params, optimizer, generator)
+    if progress is not None:
+        progress.start_at(state.step)
+    return state.step, list(state.losses)
+
+
 def state_path(patch_path: str | Path) -> Path:
     return Path(patch_path).with_suffix(STATE_SUFFIX)
 
@@ -131,8 +147,8 @@ def save_state(path: Path, state: TrainingState, settings: dict, overwrite: bool
 def load_state(path: Path, settings: dict) -> TrainingState:
     """Read a state file and check it was saved by a run with these settings."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no training state {Path(path).name} beside the patch: only checkpoints written by "
-                                "Forget Train's save_every can be resumed")
+        raise FileNotFoundError(f"no training state {Path(path).name} beside the file: only checkpoints written by "
+                                "save_every (Forget Train, Concept Inversion) can be resumed")
     tensors, metadata = load_checked(path, "training state", suffix=STATE_SUFFIX)
     try:
         if metadata.get("fmn.format") != FORMAT:

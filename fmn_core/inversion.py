@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import host
-from .checkpoint import Checkpoints, capture, restore, save_state, settings_of, starting_state, state_path
+from .checkpoint import Checkpoints, capture, resumed, save_state, settings_of, starting_state, state_path
 from .embedding import Embedding, describe, save_embedding
 from .latents import noisy
 from .text_encoder import TextEncoder
@@ -113,7 +113,6 @@ def invert(patcher, clip, latents: torch.Tensor, init_text: str, config: Inversi
     settings = settings_of(config, init_text=init_text,
                            base_fingerprint=host.model_fingerprint(patcher, host.attn2_layers(patcher)))
     state = starting_state(resume, checkpoints, settings, config.steps)
-    start = state.step if state is not None else 0
     device = host.device()
     sampling = host.model_sampling(patcher)
     with torch.inference_mode(False):
@@ -123,11 +122,7 @@ def invert(patcher, clip, latents: torch.Tensor, init_text: str, config: Inversi
         rows = torch.nn.Parameter(initial.clone())
         optimizer = torch.optim.AdamW([rows], lr=config.learning_rate, weight_decay=0.0)
         latents = latents.float().detach().clone()
-        losses: list[float] = list(state.losses) if state is not None else []
-        if state is not None:
-            restore(state, [rows], optimizer, generator)
-            if progress is not None:
-                progress.start_at(start)
+        start, losses = resumed(state, [rows], optimizer, generator, progress)
         with host.trainable_unet(patcher.clone(), {}) as unet:
             for step in range(start, config.steps):
                 loss = _step_loss(unet, encoder, prompts, rows, latents, sampling, generator, config, step, device)
@@ -137,7 +132,7 @@ def invert(patcher, clip, latents: torch.Tensor, init_text: str, config: Inversi
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"Concept Inversion diverged at step {step + 1}: lower learning_rate")
                 losses.append(float(loss.detach()))
-                if checkpoints is not None and step + 1 in checkpoints.steps(config.steps):
+                if checkpoints is not None and checkpoints.due(step + 1, config.steps):
                     path = checkpoints.path_for(step + 1)
                     metadata = describe(init_text, replace(config, steps=step + 1), losses)
                     save_embedding(Embedding(path.stem, rows.detach().clone(), encoder.spec.embedding_key, metadata), path)

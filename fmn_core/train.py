@@ -28,10 +28,10 @@ import torch
 
 from . import aim, host
 from .attention import ColumnEnergy, make_attn2_replace
+from .checkpoint import Checkpoints, TrainingState, capture, resumed, save_state, settings_of, starting_state, state_path
 from .concepts import Concept, keep_prompts, preserve_prompts, with_kept
 from .latents import input_latents, noisy
 from .lora import FULL_RANK, LowRankDelta, disabled, export_kohya
-from .checkpoint import Checkpoints, TrainingState, capture, restore, save_state, settings_of, starting_state, state_path
 from .patch import ForgetPatch, model_card, save_patch
 from .tokens import SpecialTokens, anchor_alignment, column_mask, concept_positions, content_tokens
 
@@ -263,7 +263,6 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
     layers = host.attn2_layers(patcher)
     settings = settings_of(config, concepts=[c.text for c in concepts], base_fingerprint=host.model_fingerprint(patcher, layers))
     state = starting_state(resume, checkpoints, settings, config.steps)
-    start = state.step if state is not None else 0
     examples = build_examples(clip, concepts, config.include_end_token, config.keep)
     basis = concept_basis(clip, examples, len(concepts), config.rank) if mode.aimed else None
     rank = basis.shape[1] if mode.aimed else config.rank
@@ -283,11 +282,7 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
         clone = patcher.clone()
         host.register_attn2(clone, layers, lambda layer, previous: make_attn2_replace(layer.module, sink, previous))
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda")
-        losses: list[float] = list(state.losses) if state is not None else []
-        if state is not None:
-            restore(state, params, optimizer, generator)
-            if progress is not None:
-                progress.start_at(start)
+        start, losses = resumed(state, params, optimizer, generator, progress)
         with host.trainable_unet(clone, deltas) as unet:
             for step in range(start, config.steps):
                 batch = [_draw(examples, source, sampling, generator, step * config.batch_size + b) for b in range(config.batch_size)]
@@ -299,7 +294,7 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
                 _check_finite(step, loss, grad_norm)
                 optimizer.step()
                 losses.append(float(loss.detach()))
-                if checkpoints is not None and step + 1 in checkpoints.steps(config.steps):
+                if checkpoints is not None and checkpoints.due(step + 1, config.steps):
                     _write_checkpoint(checkpoints.path_for(step + 1), deltas, patcher, layers, concepts,
                                       replace(config, steps=step + 1), rank, settings,
                                       capture(step + 1, params, optimizer, generator, losses))

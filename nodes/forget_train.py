@@ -98,4 +98,3 @@ class ForgetTrain:
                         checkpoints=checkpoints(FOLDER, save_every, checkpoint_name), resume=resume_path(FOLDER, resume_from))
         patch = ForgetPatch(result.lora, result.metadata)
         return (apply_patch(model, patch, 1.0), patch, loss_plot(result.losses, "Forget Train"))
-

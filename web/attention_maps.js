@@ -144,7 +144,7 @@ function addMapsWidget(node) {
 
 /** Reuse the node's one widget, so each run replaces the previous maps instead of stacking them. */
 function showMaps(node, entries) {
-  const widget = node.widgets?.find((w) => w.name === WIDGET_NAME) ?? addMapsWidget(node);
+  const widget = node.widgets.find((w) => w.name === WIDGET_NAME);  // added with the node (onNodeCreated)
   const content = grid(entries);
   widget.element.replaceChildren(content);
   widget.contentHeight ||= MIN_HEIGHT;  // until the browser has measured the grid
