@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from comfy_server import ComfyServer, ServerError, running_server
+from toy_prompts import add_training, toy
 
 pytestmark = pytest.mark.server
 
@@ -33,31 +34,16 @@ MEMORY_GROWTH_LIMIT = 0.10
 SOLO_PATCH = "busy_solo"
 
 
-def toy(prompt: dict) -> list:
-    prompt["toy"] = {"class_type": "FMN_LoadToyBench", "inputs": {}}
-    return ["toy", 0], ["toy", 1], ["toy", 2]
-
-
 def patched(prompt: dict, model: list) -> list:
     prompt["load_patch"] = {"class_type": "FMN_LoadForgetPatch", "inputs": {"patch_name": f"{SOLO_PATCH}.safetensors"}}
     prompt["apply"] = {"class_type": "FMN_ApplyForgetPatch", "inputs": {"model": model, "patch": ["load_patch", 0], "strength": 1.0}}
     return ["apply", 0]
 
 
-def add_training(prompt: dict, node: str, filename: str, concepts: str = "star | object", seed: int = 0,
-                 steps: int = TRAIN_STEPS) -> None:
-    """A Forget Train node on the prompt's ToyBench and a Save Forget Patch of its patch."""
-    prompt[node] = {"class_type": "FMN_ForgetTrain", "inputs": {
-        "model": ["toy", 0], "clip": ["toy", 1], "concepts": concepts, "steps": steps, "learning_rate": 0.1, "rank": 4,
-        "seed": seed, "resolution": 32}}
-    prompt[f"save_{node}"] = {"class_type": "FMN_SaveForgetPatch", "inputs": {"patch": [node, 1], "filename": filename,
-                                                                              "overwrite": False}}
-
-
 def train_prompt(filename: str) -> dict:
     prompt: dict = {}
     toy(prompt)
-    add_training(prompt, "train", filename)
+    add_training(prompt, "train", filename, TRAIN_STEPS)
     return prompt
 
 
@@ -204,12 +190,12 @@ def test_two_trainings_in_one_graph_equal_their_solo_runs(server: ComfyServer) -
     both: dict = {}
     toy(both)
     for name, (concepts, seed) in PAIR.items():
-        add_training(both, f"train_{name}", f"pair_{name}", concepts, seed, steps=10)
+        add_training(both, f"train_{name}", f"pair_{name}", 10, concepts, seed)
     server.run_prompt(both, RUN_TIMEOUT_S)
     for name, (concepts, seed) in PAIR.items():
         alone: dict = {}
         toy(alone)
-        add_training(alone, "train", f"alone_{name}", concepts, seed, steps=10)
+        add_training(alone, "train", f"alone_{name}", 10, concepts, seed)
         server.run_prompt(alone, RUN_TIMEOUT_S)
         assert patch_content(server.patches_dir / f"pair_{name}.safetensors") == \
             patch_content(server.patches_dir / f"alone_{name}.safetensors"), name

@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from comfy_server import ComfyServer, running_server
+from toy_prompts import add_training, toy
 
 pytestmark = pytest.mark.server
 
@@ -29,14 +30,10 @@ HISTORY_WAIT_S = 30.0
 
 
 def training_prompt() -> dict:
-    return {
-        "toy": {"class_type": "FMN_LoadToyBench", "inputs": {}},
-        "train": {"class_type": "FMN_ForgetTrain", "inputs": {
-            "model": ["toy", 0], "clip": ["toy", 1], "concepts": "star | object", "steps": STEPS, "learning_rate": 0.1,
-            "rank": 4, "seed": 0, "resolution": 32, "batch_size": BATCH}},
-        "save": {"class_type": "FMN_SaveForgetPatch", "inputs": {"patch": ["train", 1], "filename": PATCH_NAME,
-                                                                  "overwrite": False}},
-    }
+    prompt: dict = {}
+    toy(prompt)
+    add_training(prompt, "train", PATCH_NAME, STEPS, batch_size=BATCH)
+    return prompt
 
 
 async def cancel_mid_run(url: str) -> tuple[int, int, list[str]]:
