@@ -12,7 +12,7 @@ the flattened batch index is `b * heads + h`, so per-sample masks broadcast over
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Protocol
+from typing import Callable, ContextManager, Iterator, Protocol
 
 import torch
 
@@ -71,6 +71,7 @@ class ColumnEnergy:
         self.mask: torch.Tensor | None = None  # (B, T)
         self.sum_squares: torch.Tensor | None = None
         self.active = True
+        self.discard = False
 
     def reset(self, mask: torch.Tensor | None) -> None:
         self.mask, self.sum_squares = mask, None
@@ -84,6 +85,23 @@ class ColumnEnergy:
         finally:
             self.active = True
 
+    def recomputing(self) -> ContextManager[None]:
+        """For gradient checkpointing: called at a block's forward, entered when backward
+        recomputes it. The same operations run with the mask of that forward (the
+        checkpoint expects the same saved tensors), but the loss already holds them."""
+        mask = self.mask
+
+        @contextlib.contextmanager
+        def replay() -> Iterator[None]:
+            saved = self.mask, self.discard
+            self.mask, self.discard = mask, True
+            try:
+                yield
+            finally:
+                self.mask, self.discard = saved
+
+        return replay()
+
     def __call__(self, layer: str, probs: torch.Tensor, extra_options: dict) -> None:
         if not self.active:
             return
@@ -91,6 +109,8 @@ class ColumnEnergy:
             raise RuntimeError("ColumnEnergy.reset(mask) must be called before the forward pass")
         mask = self.mask.to(probs.device)[:, None, None, :]  # (B, 1, 1, T)
         energy = (probs * mask).pow(2).sum()
+        if self.discard:
+            return
         self.sum_squares = energy if self.sum_squares is None else self.sum_squares + energy
 
 

@@ -30,7 +30,7 @@ from .safetensors_check import load_checked
 STATE_SUFFIX = ".fmn-state"
 FORMAT = "forget-me-not-state/1"
 # Config fields a resumed run may change: how long it runs. Every other field must match.
-FREE_FIELDS = ("steps",)
+FREE_FIELDS = ("steps", "precision", "gradient_checkpointing")  # a resumed run may change them
 
 
 @dataclass

@@ -295,6 +295,15 @@ def _needs_weight_copies(patcher) -> bool:
     return any(p.is_inference() for p in patcher.model.diffusion_model.parameters())
 
 
+def unet_blocks(patcher) -> list[torch.nn.Module]:
+    """The UNet's ResBlocks and transformer blocks: the units gradient checkpointing
+    recomputes (between them sit only up/down-sampling convolutions)."""
+    from comfy.ldm.modules.attention import SpatialTransformer
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+    return [m for m in patcher.model.diffusion_model.modules() if isinstance(m, (ResBlock, SpatialTransformer))]
+
+
 @contextlib.contextmanager
 def trainable_unet(patcher, wrappers: dict[str, torch.nn.Module], to_device: torch.device | None = None) -> Iterator[Callable]:
     """Load a clone of `patcher` with differentiable weight wrappers and yield its forward.

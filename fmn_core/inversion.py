@@ -9,6 +9,7 @@ The result is saved in the host's embedding format and used as `embedding:NAME`.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,6 +20,7 @@ from . import host
 from .checkpoint import Checkpoints, capture, resumed, save_state, settings_of, starting_state, state_path
 from .embedding import Embedding, describe, save_embedding
 from .latents import noisy
+from .memory import Precision, check_precision, checkpointed
 from .text_encoder import TextEncoder
 from .tokens import SpecialTokens, content_tokens
 
@@ -33,6 +35,8 @@ class InversionConfig:
     seed: int = 0
     templates: tuple[str, ...] = (DEFAULT_TEMPLATE,)
     batch_size: int = 4
+    precision: str = "fp32"  # memory.py: autocast "fp32" (none), "bf16", "fp16"
+    gradient_checkpointing: bool = False
 
     def validate(self) -> None:
         if self.num_tokens < 1:
@@ -43,6 +47,7 @@ class InversionConfig:
             raise ValueError(f"learning_rate must be in (0, 1), got {self.learning_rate}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        check_precision(self.precision)
         bad = [t for t in self.templates if t.count("{}") != 1]
         if not self.templates or bad:
             raise ValueError(f"each prompt template needs exactly one {{}} where the learned tokens go, got {bad or 'none'}")
@@ -123,12 +128,16 @@ def invert(patcher, clip, latents: torch.Tensor, init_text: str, config: Inversi
         optimizer = torch.optim.AdamW([rows], lr=config.learning_rate, weight_decay=0.0)
         latents = latents.float().detach().clone()
         start, losses = resumed(state, [rows], optimizer, generator, progress)
-        with host.trainable_unet(patcher.clone(), {}) as unet:
+        precision = Precision(config.precision, device)
+        clone = patcher.clone()
+        blocks = host.unet_blocks(clone) if config.gradient_checkpointing else []
+        with host.trainable_unet(clone, {}) as unet, checkpointed(blocks, contextlib.nullcontext):
             for step in range(start, config.steps):
-                loss = _step_loss(unet, encoder, prompts, rows, latents, sampling, generator, config, step, device)
+                with precision.autocast():
+                    loss = _step_loss(unet, encoder, prompts, rows, latents, sampling, generator, config, step, device)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                precision.backward(loss)
+                precision.step(optimizer)
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"Concept Inversion diverged at step {step + 1}: lower learning_rate")
                 losses.append(float(loss.detach()))

@@ -31,6 +31,7 @@ from .attention import ColumnEnergy, make_attn2_replace
 from .checkpoint import Checkpoints, TrainingState, capture, resumed, save_state, settings_of, starting_state, state_path
 from .concepts import Concept, keep_prompts, preserve_prompts, with_kept
 from .latents import input_latents, noisy
+from .memory import Precision, check_precision, checkpointed
 from .lora import FULL_RANK, LowRankDelta, disabled, export_kohya
 from .patch import ForgetPatch, model_card, save_patch
 from .tokens import SpecialTokens, anchor_alignment, column_mask, concept_positions, content_tokens
@@ -69,7 +70,8 @@ class ForgetConfig:
     max_grad_norm: float = 1.0     # really applied, every step
     weight_decay: float = 0.01
     resolution: int = 512          # pixel size of pure-noise latents when no image is given
-    bf16: bool = False             # autocast on CUDA; ignored on CPU
+    precision: str = "fp32"        # autocast: "fp32" (none), "bf16", "fp16" (memory.py)
+    gradient_checkpointing: bool = False  # recompute UNet blocks in backward (memory.py)
     keep: tuple[str, ...] = ()     # concepts to keep (the preservation term); see `build_examples`
 
     def validate(self) -> None:
@@ -87,6 +89,7 @@ class ForgetConfig:
             raise ValueError(f"output_weight must be 0 or more, got {self.output_weight}")
         if self.resolution < 8 or self.resolution % 8:
             raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+        check_precision(self.precision)
 
 
 @dataclass
@@ -281,18 +284,19 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
         sink = ColumnEnergy()
         clone = patcher.clone()
         host.register_attn2(clone, layers, lambda layer, previous: make_attn2_replace(layer.module, sink, previous))
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda")
+        precision = Precision(config.precision, device)
+        blocks = host.unet_blocks(clone) if config.gradient_checkpointing else []
         start, losses = resumed(state, params, optimizer, generator, progress)
-        with host.trainable_unet(clone, deltas) as unet:
+        with host.trainable_unet(clone, deltas) as unet, checkpointed(blocks, sink.recomputing):
             for step in range(start, config.steps):
                 batch = [_draw(examples, source, sampling, generator, step * config.batch_size + b) for b in range(config.batch_size)]
-                with autocast:
+                with precision.autocast():
                     loss = _step_loss(unet, sink, batch, deltas, config.output_weight, device)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                _check_finite(step, loss, grad_norm)
-                optimizer.step()
+                precision.backward(loss)
+                grad_norm = precision.unscale_and_clip(optimizer, params, config.max_grad_norm)
+                _check_finite(step, loss, grad_norm, precision.scaling)
+                precision.step(optimizer)
                 losses.append(float(loss.detach()))
                 if checkpoints is not None and checkpoints.due(step + 1, config.steps):
                     _write_checkpoint(checkpoints.path_for(step + 1), deltas, patcher, layers, concepts,
@@ -358,8 +362,9 @@ def _draw(examples: list[Example], source: LatentSource, sampling, generator: to
     return x, example.context, example.anchor, example.mask[None], sigma
 
 
-def _check_finite(step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-    if not torch.isfinite(loss) or not torch.isfinite(grad_norm):
+def _check_finite(step: int, loss: torch.Tensor, grad_norm: torch.Tensor, scaling: bool = False) -> None:
+    """A non-finite loss, or gradient norm (unless fp16 loss scaling skips such steps), ends the run."""
+    if not torch.isfinite(loss) or not (scaling or torch.isfinite(grad_norm)):
         raise RuntimeError(
             f"Forget Train diverged at step {step + 1} (loss {float(loss)}, gradient norm {float(grad_norm)}): "
             "no patch was produced; lower learning_rate or steps"

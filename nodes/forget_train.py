@@ -6,6 +6,7 @@ from ..fmn_core.concepts import parse_concepts, parse_keep
 from ..fmn_core.loss_plot import loss_plot
 from ..fmn_core.patch import ForgetPatch, apply_patch
 from ..fmn_core.train import MODES, ForgetConfig, forget, latents_for_concepts
+from .memory_inputs import memory_inputs
 from .checkpoint_inputs import NO_RESUME, checkpoints, resume_input, resume_path, save_every_input
 from .patches import FOLDER
 
@@ -63,8 +64,6 @@ class ForgetTrain:
                 "batch_size": ("INT", {"default": DEFAULTS.batch_size, "min": 1, "max": 64, "tooltip": "Samples per training step."}),
                 "resolution": ("INT", {"default": DEFAULTS.resolution, "min": 32, "max": 2048, "step": 8,
                                        "tooltip": "Pixel size of the noise latents used when no images are given."}),
-                "bf16": ("BOOLEAN", {"default": DEFAULTS.bf16,
-                                     "tooltip": "Train under bf16 autocast on a CUDA GPU: faster and lighter. Ignored on CPU."}),
                 "output_weight": ("FLOAT", {"default": DEFAULTS.output_weight, "min": 0.0, "max": 1000.0, "step": 0.5,
                                             "tooltip": "Weight of the output term: the concept's prompts should denoise like the same "
                                                        "prompts with the anchor in its place. 0 = the paper's attention loss alone."}),
@@ -73,6 +72,7 @@ class ForgetTrain:
                 "checkpoint_name": ("STRING", {"default": "forget_checkpoint",
                                                "tooltip": "File name stem (<name>) of the checkpoints save_every writes."}),
                 "resume_from": resume_input(FOLDER),
+                **memory_inputs(),
             },
         }
 
@@ -87,12 +87,14 @@ class ForgetTrain:
 
     def train(self, model, clip, concepts, steps, learning_rate, rank, seed, images=None, vae=None, latent=None,
               mode=DEFAULTS.mode, include_end_token=DEFAULTS.include_end_token, batch_size=DEFAULTS.batch_size,
-              resolution=DEFAULTS.resolution, bf16=DEFAULTS.bf16, output_weight=DEFAULTS.output_weight, keep="",
-              save_every=0, checkpoint_name="forget_checkpoint", resume_from=NO_RESUME):
+              resolution=DEFAULTS.resolution, output_weight=DEFAULTS.output_weight, keep="",
+              save_every=0, checkpoint_name="forget_checkpoint", resume_from=NO_RESUME,
+              precision=DEFAULTS.precision, gradient_checkpointing=DEFAULTS.gradient_checkpointing):
         parsed = parse_concepts(concepts)
         config = ForgetConfig(steps=steps, learning_rate=learning_rate, rank=rank, seed=seed, mode=mode,
                               batch_size=batch_size, include_end_token=include_end_token, resolution=resolution,
-                              bf16=bf16, output_weight=output_weight, keep=parse_keep(keep, parsed))
+                              output_weight=output_weight, keep=parse_keep(keep, parsed), precision=precision,
+                              gradient_checkpointing=gradient_checkpointing)
         latents = latents_for_concepts(model, parsed, images=images, vae=vae, latent=latent)
         result = forget(model, clip, parsed, config, latents, progress=host.Progress(steps),
                         checkpoints=checkpoints(FOLDER, save_every, checkpoint_name), resume=resume_path(FOLDER, resume_from))

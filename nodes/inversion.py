@@ -9,6 +9,7 @@ from ..fmn_core.files import inside
 from ..fmn_core.inversion import DEFAULT_TEMPLATE, InversionConfig, invert
 from ..fmn_core.latents import input_latents
 from ..fmn_core.loss_plot import loss_plot
+from .memory_inputs import memory_inputs
 from .checkpoint_inputs import NO_RESUME, checkpoints, resume_input, resume_path, save_every_input
 
 DEFAULTS = InversionConfig()
@@ -67,6 +68,7 @@ class ConceptInversion:
                 "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an embedding file of the same name."}),
                 "save_every": save_every_input("embedding", FOLDER),
                 "resume_from": resume_input(FOLDER),
+                **memory_inputs(),
             },
         }
 
@@ -83,9 +85,9 @@ class ConceptInversion:
 
     def invert(self, model, clip, init_text, name, num_tokens, steps, learning_rate, seed, images=None, vae=None,
                latent=None, templates=DEFAULT_TEMPLATE, batch_size=DEFAULTS.batch_size, overwrite=False, save_every=0,
-               resume_from=NO_RESUME):
+               resume_from=NO_RESUME, precision=DEFAULTS.precision, gradient_checkpointing=DEFAULTS.gradient_checkpointing):
         config = config_from(templates, num_tokens=num_tokens, steps=steps, learning_rate=learning_rate, seed=seed,
-                             batch_size=batch_size)
+                             batch_size=batch_size, precision=precision, gradient_checkpointing=gradient_checkpointing)
         config.validate()
         path = inside(folder_paths.get_folder_paths(FOLDER)[0], embedding_filename(name))
         if path.exists() and not overwrite:
