@@ -15,6 +15,10 @@ Figures (bench/README.md explains each one and how to read it):
    encoder + UNet forward + backward to the token rows) over one plain sampling step.
 6. sampling_with_capture: a sampling run with the Attention Map Viewer's heatmap capture
    over the same run without it.
+7. training_memory: peak memory of a Forget Train run (one step, default config) above
+   the loaded model, per memory option (precision, gradient checkpointing), on a
+   full-size SD1.5-layout UNet in fp32 at 512 px, each option in a fresh process. On CUDA
+   the allocator's peak; on a CPU the peak resident set sampled every 2 ms.
 
 Machines are noisy (this one is shared), so every timing is the median of several
 repetitions after a warm-up, and compared quantities are measured interleaved in one run
@@ -46,7 +50,8 @@ RESULTS = REPO / "bench" / "results.json"
 CONCEPT_LINES = ("Van Gogh | style", "Mickey Mouse | identity", "a red fox")
 PATCH_SIZE_TARGET_BYTES = 200_000  # "under 200 KB" (issue); 200 KiB = 204,800 is reported too
 SECONDS_PER_CONCEPT_TARGET = 10.0  # on one H200
-SD15_UNET_PARAMS = 859_520_964  # what the host's loader passes to unet_dtype() for an SD1.5 UNet
+SD15_UNET_PARAMS = 859_520_964
+MEMORY_RESOLUTION, MEMORY_STEPS = 512, 1  # figure 7  # what the host's loader passes to unet_dtype() for an SD1.5 UNet
 
 
 # --- bootstrap (same as tests/conftest.py) ---------------------------------------------
@@ -621,6 +626,106 @@ def bench_full_size(pack, cfg: dict, smoke: bool = False) -> dict:
     return out
 
 
+# --- figure 7: training memory per memory option ---------------------------------------
+
+MEMORY_OPTIONS = {
+    "fp32": {},
+    "bf16": {"precision": "bf16"},
+    "fp16": {"precision": "fp16"},  # CUDA only
+    "fp32 + checkpointing": {"gradient_checkpointing": True},
+    "bf16 + checkpointing": {"precision": "bf16", "gradient_checkpointing": True},
+}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakSampler:
+    """Peak of a memory reading over a block, sampled every 2 ms on a thread."""
+
+    def __init__(self, read):
+        import threading
+
+        self.read, self.peak, self.done = read, read(), threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.done.is_set():
+            self.peak = max(self.peak, self.read())
+            self.done.wait(0.002)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.read())
+
+
+def memory_probe(options: dict, resolution: int, steps: int) -> dict:
+    """One option set in this (fresh) process: peak bytes of forget() above the loaded model."""
+    import dataclasses
+
+    import torch
+
+    from fmn_pack.fmn_core import host
+    from fmn_pack.fmn_core.concepts import parse_concepts
+    from fmn_pack.fmn_core.train import ForgetConfig, forget
+
+    patcher, clip = full_sd15_patcher(seed=0, dtype=torch.float32), full_sd1_clip(seed=1)
+    concept = parse_concepts(CONCEPT_LINES[0])
+    config = dataclasses.replace(ForgetConfig(), steps=steps, resolution=resolution, **options)
+    host.loaded_forward(patcher)  # the model as sampling leaves it: loaded on the device
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        start = clock()
+        forget(patcher, clip, concept, config)
+        seconds = clock() - start
+        peak, how = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+    else:
+        before = _rss_bytes()
+        start = clock()
+        with PeakSampler(_rss_bytes) as sampler:
+            forget(patcher, clip, concept, config)
+        seconds, peak, how = clock() - start, sampler.peak, "resident set (/proc/self/statm), sampled every 2 ms"
+    return {"peak_above_model_mib": r4((peak - before) / 2**20), "model_mib": r4(before / 2**20), "seconds": r4(seconds),
+            "unet_dtype": str(patcher.model.get_dtype()), "measured_as": how}
+
+
+def bench_training_memory(cfg: dict) -> dict:
+    """Figure 7: each option set in a fresh process (a process's allocator keeps what an
+    earlier run freed), the same script in --memory-probe mode."""
+    import torch
+
+    rows, skipped = {}, {}
+    for name, options in MEMORY_OPTIONS.items():
+        if options.get("precision") == "fp16" and not torch.cuda.is_available():
+            skipped[name] = ("CPUs have no fast fp16 kernels (one step ran over 15 minutes here, against a minute in "
+                             "fp32); on a CPU the saved activations in fp16 take what bf16's take")
+            continue
+        args = [sys.executable, __file__, "--memory-probe", json.dumps(options), "--threads", str(cfg["torch_threads"])]
+        done = subprocess.run(args, capture_output=True, text=True, check=False)
+        if done.returncode:
+            raise RuntimeError(f"memory probe {name} failed:\n{done.stderr[-3000:]}")
+        rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"  memory {name}: {rows[name]['peak_above_model_mib']:.0f} MiB above the model", flush=True)
+    base = rows["fp32"]["peak_above_model_mib"]
+    return {
+        "value": {name: r4(row["peak_above_model_mib"] / base) for name, row in rows.items()},
+        "what": (f"peak memory of forget() ({MEMORY_STEPS} training step(s), default config, {MEMORY_RESOLUTION} px, one concept) above "
+                 "the loaded model, relative to fp32 without checkpointing; full-size SD1.5-layout UNet and CLIP-L "
+                 "with random weights, UNet in fp32"),
+        "per_option": rows,
+        "not_measured": skipped,
+    }
+
+
 # --- main -------------------------------------------------------------------------------
 
 
@@ -679,6 +784,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads on a CPU-only machine (default 1: timings use process CPU time)")
     parser.add_argument("--wall", action="store_true", help="use wall-clock time on a CPU-only machine too")
+    parser.add_argument("--memory-probe", metavar="JSON", help=argparse.SUPPRESS)  # figure 7's child process
+    parser.add_argument("--only-memory", action="store_true",
+                        help="measure figure 7 alone and put it into the existing --out")
     parser.add_argument("--smoke-full-size", action="store_true",
                         help="run figure 4's code small and short even without CUDA (a path check; nothing is written)")
     args = parser.parse_args()
@@ -694,6 +802,9 @@ def main() -> int:
     if TIMER["name"] == "wall" and torch.cuda.is_available():
         TIMER["name"] = "wall (after torch.cuda.synchronize)"
 
+    if args.memory_probe is not None:
+        print(json.dumps(memory_probe(json.loads(args.memory_probe), MEMORY_RESOLUTION, MEMORY_STEPS)))
+        return 0
     if args.smoke_full_size:
         print(json.dumps(bench_full_size(pack, {}, smoke=True), indent=2))
         return 0
@@ -725,6 +836,13 @@ def main() -> int:
         "small_model": "tests/host_models.sd15_model(seed=0) (SD1.5 layout, model_channels 32, context 768, ~10 M params) + sd1_clip(seed=1, 2 layers)",
         "warm_up": "one sampling pass and one 1-step forget() before figure 1; one sample per patch count before figure 2",
     }
+    if args.only_memory:
+        results = json.loads(args.out.read_text())
+        results["training_memory"] = bench_training_memory(cfg)
+        results["training_memory"]["environment"] = environment(pack)
+        write_results(results, args.out)
+        print(f"wrote figure 7 into {args.out}")
+        return 0
     results = {"schema": "fmn-bench/1", "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "environment": environment(pack), "config": cfg}
     print(f"Forget-Me-Not bench on {results['environment']['device']} ({results['environment']['device_name']}), "
@@ -757,16 +875,23 @@ def main() -> int:
             "target_s": SECONDS_PER_CONCEPT_TARGET,
         }
     seconds["seconds_per_concept_sd15_512"] = time.perf_counter() - t
+    t = time.perf_counter()
+    results["training_memory"] = bench_training_memory(cfg)
+    seconds["training_memory"] = time.perf_counter() - t
     results["bench_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     results["bench_seconds"]["total"] = round(time.perf_counter() - started, 1)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(args.out)
+    write_results(results, args.out)
     print_summary(results)
     print(f"wrote {args.out} in {results['bench_seconds']['total']:.0f} s")
     return 0
+
+
+def write_results(results: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(out)
 
 
 def print_summary(results: dict) -> None:
@@ -793,6 +918,8 @@ def print_summary(results: dict) -> None:
     print(f"  5. inversion step / sampling step: {f5['value']}x  (inversion step "
           f"{f5['inversion_step_s']['median'] * 1000:.0f} ms, set-up {f5['setup_s']['median']:.1f} s)")
     print(f"  6. sampling with attention capture / without: {f6['value']}x (target <= 1.5 on CPU)")
+    f7 = results["training_memory"]["per_option"]
+    print("  7. training memory above the model: " + ", ".join(f"{n} {v['peak_above_model_mib']:.0f} MiB" for n, v in f7.items()))
 
 
 if __name__ == "__main__":
