@@ -381,6 +381,38 @@ def test_each_workflow_opens_and_is_pictured_for_the_templates_browser(frontend:
     assert not [e for e in frontend.get_log("browser") if unexpected(e)]
 
 
+TEMPLATE_CARD = ".p-dialog [data-testid='template-workflow-{}']"
+THUMBNAILS_JS = """return [...document.querySelectorAll(".p-dialog [data-testid^='template-workflow-'] img")]
+  .map(img => img.complete && img.naturalWidth)"""
+
+
+def open_pack_templates(browser: WebDriver) -> None:
+    """Browse Templates (the workflow menu's command), then the pack's entry under Extensions."""
+    browser.execute_script("return window.comfyAPI.app.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    entry = WebDriverWait(browser, PAGE_TIMEOUT_S, POLL_S / 4).until(
+        lambda d: [e for e in d.find_elements(By.CSS_SELECTOR, ".p-dialog span") if e.text.strip() == PACK_DIR_NAME],
+        f"the templates dialog shows no {PACK_DIR_NAME} entry")
+    entry[0].click()
+
+
+def test_each_workflow_opens_from_the_templates_dialog(frontend: WebDriver) -> None:
+    """The templates dialog of the real front end lists every shipped workflow under the
+    pack's name with its thumbnail, and clicking a card loads that workflow's nodes."""
+    names = sorted(path.stem for path in WORKFLOWS.glob("*.json"))
+    for name in names:
+        open_pack_templates(frontend)
+        WebDriverWait(frontend, IMAGE_TIMEOUT_S, POLL_S / 4).until(
+            lambda d: len(d.execute_script(THUMBNAILS_JS)) == len(names) and all(d.execute_script(THUMBNAILS_JS)),
+            "the pack's template cards did not all show a loaded thumbnail")
+        frontend.find_element(By.CSS_SELECTOR, TEMPLATE_CARD.format(name)).click()
+        expected = sorted(n["type"] for n in json.loads((WORKFLOWS / f"{name}.json").read_text())["nodes"])
+        WebDriverWait(frontend, PAGE_TIMEOUT_S, POLL_S / 4).until(
+            lambda d: sorted(d.execute_script("return window.comfyAPI.app.app.graph.nodes.map(n => n.type)")) == expected
+            and not d.find_elements(By.CSS_SELECTOR, ".p-dialog"),
+            f"{name}: clicking its template card did not load its nodes")
+    assert not [e for e in frontend.get_log("browser") if unexpected(e)]
+
+
 # --- the newer Vue node renderer ("Nodes 2.0") -------------------------------------------------
 
 VUE_NODES = "Comfy.VueNodes.Enabled"
