@@ -381,18 +381,23 @@ def test_each_workflow_opens_and_is_pictured_for_the_templates_browser(frontend:
     assert not [e for e in frontend.get_log("browser") if unexpected(e)]
 
 
-TEMPLATE_CARD = ".p-dialog [data-testid='template-workflow-{}']"
+CLICK_PACK_ENTRY_JS = """const entry = [...document.querySelectorAll('.p-dialog span')]
+  .find(e => e.textContent.trim() === arguments[0]);
+if (entry) entry.click();
+return !!entry"""
+CLICK_CARD_JS = """const card = document.querySelector(`.p-dialog [data-testid='template-workflow-${arguments[0]}']`);
+if (card) card.click();
+return !!card"""
 THUMBNAILS_JS = """return [...document.querySelectorAll(".p-dialog [data-testid^='template-workflow-'] img")]
   .map(img => img.complete && img.naturalWidth)"""
 
 
 def open_pack_templates(browser: WebDriver) -> None:
-    """Browse Templates (the workflow menu's command), then the pack's entry under Extensions."""
+    """Browse Templates (the workflow menu's command), then the pack's entry under Extensions
+    (found and clicked in one script: the dialog re-renders while it loads)."""
     browser.execute_script("return window.comfyAPI.app.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
-    entry = WebDriverWait(browser, PAGE_TIMEOUT_S, POLL_S / 4).until(
-        lambda d: [e for e in d.find_elements(By.CSS_SELECTOR, ".p-dialog span") if e.text.strip() == PACK_DIR_NAME],
-        f"the templates dialog shows no {PACK_DIR_NAME} entry")
-    entry[0].click()
+    WebDriverWait(browser, PAGE_TIMEOUT_S, POLL_S / 4).until(
+        lambda d: d.execute_script(CLICK_PACK_ENTRY_JS, PACK_DIR_NAME), f"the templates dialog shows no {PACK_DIR_NAME} entry")
 
 
 def test_each_workflow_opens_from_the_templates_dialog(frontend: WebDriver) -> None:
@@ -404,7 +409,7 @@ def test_each_workflow_opens_from_the_templates_dialog(frontend: WebDriver) -> N
         WebDriverWait(frontend, IMAGE_TIMEOUT_S, POLL_S / 4).until(
             lambda d: len(d.execute_script(THUMBNAILS_JS)) == len(names) and all(d.execute_script(THUMBNAILS_JS)),
             "the pack's template cards did not all show a loaded thumbnail")
-        frontend.find_element(By.CSS_SELECTOR, TEMPLATE_CARD.format(name)).click()
+        assert frontend.execute_script(CLICK_CARD_JS, name), f"no template card for {name}"
         expected = sorted(n["type"] for n in json.loads((WORKFLOWS / f"{name}.json").read_text())["nodes"])
         WebDriverWait(frontend, PAGE_TIMEOUT_S, POLL_S / 4).until(
             lambda d: sorted(d.execute_script("return window.comfyAPI.app.app.graph.nodes.map(n => n.type)")) == expected
