@@ -23,8 +23,8 @@ from .safetensors_check import load_checked
 ATTN2_NAME = re.compile(
     r"^diffusion_model\.(input_blocks|middle_block|output_blocks)\.(?:(\d+)\.)?\d+\.transformer_blocks\.(\d+)\.attn2$"
 )
+VAE_FACTOR = 8  # pixels per latent cell in the SD1.x / SD2.x / SDXL latent spaces
 BLOCK_NAMES = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
-SUPPORTED_ARCHS = ("SD15", "SD20", "SD21UnclipL", "SD21UnclipH", "SD_X4Upscaler")
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ def attn2_layers(patcher) -> list[Attn2Layer]:
     if not layers:
         raise ValueError(
             f"no UNet cross-attention layers found in model type {model_arch(patcher)}: "
-            "Forget-Me-Not supports SD1.x and SD2.x UNet checkpoints"
+            "Forget-Me-Not supports the SD1.x, SD2.x and SDXL UNet families (DiT models such as SD3, Flux or PixArt "
+            "have no such layers)"
         )
     return layers
 
@@ -94,17 +95,48 @@ def checked_tokens(clip, text: str) -> dict:
 def tokenize(clip, text: str) -> list[list]:
     """Token chunks of the prompt as the UNet context will see them (ints or embedding tensors).
 
-    SDXL tokenizes identically for both encoders positions-wise, so the first encoder's
-    chunks locate tokens for the concatenated context.
+    SDXL's two encoders (clip_l and clip_g) each tokenize the prompt, and their outputs are
+    joined feature-wise, so a context position is the same token in both: the streams are
+    checked to hold the same words at the same positions (they differ only in padding),
+    and the first one locates tokens for the joined context.
     """
     tokens = checked_tokens(clip, text)
-    chunks = tokens[sorted(tokens)[0]]
-    return [[entry[0] for entry in chunk] for chunk in chunks]
+    streams = {key: [[entry[0] for entry in chunk] for chunk in chunks] for key, chunks in tokens.items()}
+    tokenizers = _tokenizers(clip)
+    layouts = {key: _layout(chunks, tokenizers.get(key)) for key, chunks in streams.items()}
+    first = sorted(streams)[0]
+    differing = [key for key, layout in layouts.items() if layout != layouts[first]]
+    if differing:
+        raise ValueError(f"the text encoders {first} and {', '.join(differing)} split {text[:60]!r} into different tokens, "
+                         "so the concept's positions are ambiguous: rephrase the prompt or concept")
+    return streams[first]
+
+
+def _layout(chunks: list[list], tokenizer) -> list[tuple]:
+    """(chunk, position, token) of every word token: what must agree between encoders
+    (an embedding's rows differ in width per encoder, so only its place counts)."""
+    markers = {getattr(tokenizer, name, None) for name in ("start_token", "end_token", "pad_token")} - {None}
+    return [(c, i, "embedding" if isinstance(t, torch.Tensor) else t)
+            for c, chunk in enumerate(chunks) for i, t in enumerate(chunk)
+            if isinstance(t, torch.Tensor) or t not in markers]
+
+
+def _tokenizers(clip) -> dict[str, object]:
+    """The host's per-encoder tokenizers, keyed like its token streams ("l", "h", "g")."""
+    tokenizer = clip.tokenizer
+    if hasattr(tokenizer, "clip"):  # one encoder: SD1 (clip_l), SD2 (clip_h)
+        return {tokenizer.clip_name: getattr(tokenizer, tokenizer.clip)}
+    return {name[len("clip_"):]: inner for name, inner in vars(tokenizer).items()
+            if name.startswith("clip_") and hasattr(inner, "tokenize_with_weights")}
 
 
 def _inner_tokenizer(clip):
-    tokenizer = clip.tokenizer
-    return getattr(tokenizer, getattr(tokenizer, "clip", ""), None) or tokenizer
+    """The tokenizer of the first token stream: the one `tokenize` locates tokens with."""
+    tokenizers = _tokenizers(clip)
+    if not tokenizers:
+        raise ValueError(f"tokenizer {type(clip.tokenizer).__name__} is not a CLIP tokenizer this pack knows "
+                         "(SD1.x, SD2.x, SDXL)")
+    return tokenizers[sorted(tokenizers)[0]]
 
 
 def embedding_references(clip, text: str) -> list[tuple[str, str | None]]:
@@ -161,7 +193,12 @@ def check_embeddings(clip, text: str) -> None:
     trust: missing, pickle-based (.pt/.bin: never unpickled), malformed, non-finite, or
     made for another text encoder width. The host itself skips such files with a log line
     and drops the words, which would silently change what a node trains or measures."""
-    inner = _inner_tokenizer(clip)
+    for inner in _tokenizers(clip).values():
+        _check_embeddings_for(inner, clip, text)
+
+
+def _check_embeddings_for(inner, clip, text: str) -> None:
+    """`check_embeddings` for one encoder's tokenizer (SDXL embeddings hold rows for both)."""
     width, key = getattr(inner, "embedding_size", None), getattr(inner, "embedding_key", None)
     for name, path in embedding_references(clip, text):
         if path is None:
@@ -198,8 +235,14 @@ def text_encoder_state(clip) -> tuple[torch.nn.Module, tuple]:
 
 def encode(clip, text: str) -> torch.Tensor:
     """Conditioning context [1, tokens, dim] of one prompt, as a normal (non-inference) tensor."""
-    cond = clip.encode_from_tokens(checked_tokens(clip, text))
-    return cond.detach().clone().float()
+    return encode_pooled(clip, text)[0]
+
+
+def encode_pooled(clip, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The context and the pooled text embedding [1, width] (SDXL's UNet takes it as its
+    vector conditioning; None where the encoder has none)."""
+    cond, pooled = clip.encode_from_tokens(checked_tokens(clip, text), return_pooled=True)
+    return cond.detach().clone().float(), None if pooled is None else pooled.detach().clone().float()
 
 
 def encode_many(clip, prompts: list[str]) -> torch.Tensor:
@@ -332,12 +375,7 @@ def trainable_unet(patcher, wrappers: dict[str, torch.nn.Module], to_device: tor
     try:
         patcher.model.requires_grad_(False)
         mm.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
-        options = patcher.model_options["transformer_options"]
-
-        def forward(x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-            return patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=options)
-
-        yield forward
+        yield unet_forward(patcher)
     finally:
         _unload(patcher, installed)
         _restore_requires_grad(flags)
@@ -494,9 +532,29 @@ def loaded_forward(patcher) -> Callable:
     import comfy.model_management as mm
 
     mm.load_models_gpu([patcher])
+    return unet_forward(patcher)
+
+
+def unet_forward(patcher) -> Callable:
+    """`fn(x_noisy, sigma, context, pooled=None) -> denoised` through the host's
+    apply_model with the patcher's transformer options (so its attn2 replaces run).
+
+    Models with a vector conditioning (SDXL: the pooled text embedding and the image size)
+    get it from `pooled` and the latent's size, as the host's sampler builds it."""
+    model = patcher.model
     options = patcher.model_options["transformer_options"]
 
-    def forward(x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=options)
+    def forward(x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {"y": _vector_conditioning(model, x, pooled)} if model.adm_channels else {}
+        return model.apply_model(x, sigma, c_crossattn=context, transformer_options=options, **extra)
 
     return forward
+
+
+def _vector_conditioning(model, x: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
+    if pooled is None:
+        raise ValueError(f"model type {type(model.model_config).__name__} needs the prompt's pooled text embedding "
+                         "(host.encode_pooled) beside its context")
+    y = model.encode_adm(pooled_output=pooled.to(x.device), width=x.shape[-1] * VAE_FACTOR,
+                         height=x.shape[-2] * VAE_FACTOR, device=x.device)
+    return y.to(x.device).expand(x.shape[0], -1) if y.shape[0] == 1 else y.to(x.device)

@@ -8,8 +8,10 @@ from .attention import TokenShare, make_attn2_replace
 
 
 @torch.no_grad()
-def token_shares(patcher, context: torch.Tensor, seeds: list[int], timesteps: list[int], resolution: int = 512) -> torch.Tensor:
-    """Mean share of cross-attention per context token (T,), over seeds x timesteps.
+def token_shares(patcher, context: torch.Tensor, seeds: list[int], timesteps: list[int], resolution: int = 512,
+                 pooled: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean share of cross-attention per context token (T,), over seeds x timesteps
+    (`pooled`: the prompt's pooled embedding, for models that take one, e.g. SDXL).
 
     Each (seed, timestep) is one noisy pure-noise latent; shares are averaged over pixels,
     heads and every cross-attention layer, so they sum to 1.
@@ -29,5 +31,5 @@ def token_shares(patcher, context: torch.Tensor, seeds: list[int], timesteps: li
         for t in timesteps:
             sigma = sampling.sigma(torch.tensor([float(t)])).cpu()
             x = sampling.noise_scaling(sigma, noise, latent)
-            forward(x.to(device), sigma.to(device), context.to(device))
+            forward(x.to(device), sigma.to(device), context.to(device), pooled)
     return sink.shares()[0]

@@ -103,6 +103,8 @@ class Example:
     mask: torch.Tensor
     anchor: torch.Tensor
     copies: torch.Tensor
+    pooled: torch.Tensor | None = None  # (1, width): SDXL's vector conditioning needs it
+    anchor_pooled: torch.Tensor | None = None
 
 
 @dataclass
@@ -135,19 +137,20 @@ def build_examples(clip, concepts: list[Concept], include_end: bool, keep: tuple
             positions = concept_positions(chunks, needle, special, include_end)
             if not positions:
                 raise ValueError(f"concept {concept.text!r} was not found in its prompt {prompt!r} after tokenizing")
-            context, anchor_context = host.encode(clip, prompt), host.encode(clip, anchor)
+            (context, pooled), (anchor_context, anchor_pooled) = host.encode_pooled(clip, prompt), host.encode_pooled(clip, anchor)
             mask = column_mask(positions, context.shape[1])
             exact = concept_positions(chunks, needle, special, False)
             pairs = anchor_alignment(chunks, host.tokenize(clip, anchor), exact, anchor_length)
             rows, twins = [i for i, _ in pairs], [j for _, j in pairs]
             copies = context[0, rows] - anchor_context[0, twins]
-            examples.append(Example(index, context, mask, anchor_context, copies))
+            examples.append(Example(index, context, mask, anchor_context, copies, pooled, anchor_pooled))
     return examples
 
 
 def _kept_example(clip, prompt: str) -> Example:
-    context = host.encode(clip, prompt)
-    return Example(KEEP, context, torch.zeros(context.shape[1]), context, context.new_zeros((0, context.shape[-1])))
+    context, pooled = host.encode_pooled(clip, prompt)
+    return Example(KEEP, context, torch.zeros(context.shape[1]), context, context.new_zeros((0, context.shape[-1])),
+                   pooled, pooled)
 
 
 _PRESERVE_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -337,11 +340,12 @@ def _step_loss(unet, sink: ColumnEnergy, batch: list[tuple], deltas: dict[str, L
     count = 0
     for group in _group_by_length(batch):
         x, context, anchor, mask, sigma = (torch.cat([g[i] for g in group]).to(device) for i in range(5))
+        pooled, anchor_pooled = (_joined([g[i] for g in group], device) for i in (5, 6))
         if output_weight:
             with torch.no_grad(), disabled(deltas), sink.paused():
-                teacher = unet(x, sigma, anchor)
+                teacher = unet(x, sigma, anchor, anchor_pooled)
         sink.mask = mask
-        student = unet(x, sigma, context)
+        student = unet(x, sigma, context, pooled)
         if output_weight:
             scale = sigma.reshape(-1, *([1] * (x.ndim - 1)))
             output_sq = output_sq + ((student - teacher) / scale).float().pow(2).sum()
@@ -352,14 +356,20 @@ def _step_loss(unet, sink: ColumnEnergy, batch: list[tuple], deltas: dict[str, L
     return loss
 
 
+def _joined(rows: list[torch.Tensor | None], device: torch.device) -> torch.Tensor | None:
+    """Pooled embeddings of a group as one batch (None when the encoder gives none)."""
+    return None if any(r is None for r in rows) else torch.cat(rows).to(device)
+
+
 def _draw(examples: list[Example], source: LatentSource, sampling, generator: torch.Generator, index: int) -> tuple:
-    """One sample: (noisy latent, context, anchor, mask, sigma), concepts taken in turn."""
+    """One sample: (noisy latent, context, anchor, mask, sigma, pooled, anchor pooled),
+    concepts taken in turn."""
     concepts = sorted({e.concept for e in examples})
     concept = concepts[index % len(concepts)]
     pool = [e for e in examples if e.concept == concept]
     example = pool[int(torch.randint(len(pool), (1,), generator=generator))]
     x, sigma, _ = noisy(sampling, source.draw(concept, generator)[None], generator)
-    return x, example.context, example.anchor, example.mask[None], sigma
+    return x, example.context, example.anchor, example.mask[None], sigma, example.pooled, example.anchor_pooled
 
 
 def _check_finite(step: int, loss: torch.Tensor, grad_norm: torch.Tensor, scaling: bool = False) -> None:

@@ -42,7 +42,7 @@ class ForgetTrain:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The model that should forget (SD1.x or SD2.x)."}),
+                "model": ("MODEL", {"tooltip": "The model that should forget (SD1.x, SD2.x or SDXL)."}),
                 "clip": ("CLIP", {"tooltip": "The text encoder of that model: it locates the concept's tokens."}),
                 "concepts": ("STRING", {"multiline": True, "default": "Van Gogh | style", "tooltip": CONCEPTS_TOOLTIP}),
                 "steps": ("INT", {"default": DEFAULTS.steps, "min": 1, "max": 10000,

@@ -19,6 +19,9 @@ Figures (bench/README.md explains each one and how to read it):
    the loaded model, per memory option (precision, gradient checkpointing), on a
    full-size SD1.5-layout UNet in fp32 at 512 px, each option in a fresh process. On CUDA
    the allocator's peak; on a CPU the peak resident set sampled every 2 ms.
+8. sdxl_train_step_over_sampling_step: figure 1's measurement on a small SDXL-layout
+   model (two-deep transformer blocks, 2048-d context, vector conditioning) with the
+   host's SDXL CLIP pair; 3 repetitions.
 
 Machines are noisy (this one is shared), so every timing is the median of several
 repetitions after a warm-up, and compared quantities are measured interleaved in one run
@@ -193,8 +196,9 @@ def full_sd1_clip(seed: int = 1):
 # --- figure 1: a training step against a sampling step ----------------------------------
 
 
-def sampling_step_seconds(patcher, x, sigma, cond, uncond, k: int) -> tuple[float, float, float]:
-    """Median over k of one UNet forward: batch 1 (cond), batch 2 (cond + uncond), and batch 1 wall time."""
+def sampling_step_seconds(patcher, x, sigma, cond, uncond, k: int, pooled=(None, None)) -> tuple[float, float, float]:
+    """Median over k of one UNet forward: batch 1 (cond), batch 2 (cond + uncond), and batch 1 wall time.
+    `pooled`: the two prompts' pooled embeddings, for models with a vector conditioning (SDXL)."""
     import torch
 
     from fmn_pack.fmn_core import host
@@ -203,17 +207,22 @@ def sampling_step_seconds(patcher, x, sigma, cond, uncond, k: int) -> tuple[floa
     forward = host.loaded_forward(patcher)  # (re)load: training unloads its clone
     x, s, c = x.to(device), sigma.to(device), cond.to(device)
     x2, s2, c2 = torch.cat([x, x]), torch.cat([s, s]), torch.cat([c, uncond.to(device)])
+    p1, p2 = (None, None) if pooled[0] is None else (pooled[0], torch.cat(pooled))
     one, two, wall = [], [], []
     with torch.inference_mode():
         for _ in range(k):
-            seconds, _, wall_seconds = timed(forward, x, s, c)
+            seconds, _, wall_seconds = timed(forward, x, s, c, p1)
             one.append(seconds)
             wall.append(wall_seconds)
-            two.append(timed(forward, x2, s2, c2)[0])
+            two.append(timed(forward, x2, s2, c2, p2)[0])
     return med(one), med(two), med(wall)
 
 
-def bench_train_vs_sample(pack, cfg: dict) -> tuple[dict, list]:
+LAYOUTS = {"SD1.5": ("sd15_model", "sd1_clip"), "SDXL": ("sdxl_model", "sdxl_clip")}
+
+
+def bench_train_vs_sample(pack, cfg: dict, layout: str = "SD1.5", reps: int | None = None) -> tuple[dict, list]:
+    """Figure 1 (SD1.5 layout) and figure 8 (the same measurement on the SDXL layout)."""
     import torch
 
     import host_models
@@ -221,19 +230,21 @@ def bench_train_vs_sample(pack, cfg: dict) -> tuple[dict, list]:
     from fmn_pack.fmn_core.concepts import parse_concepts
     from fmn_pack.fmn_core.train import ForgetConfig, forget
 
-    patcher = host_models.sd15_model(seed=0)
-    clip = host_models.sd1_clip(seed=1)
+    model_builder, clip_builder = (getattr(host_models, name) for name in LAYOUTS[layout])
+    patcher = model_builder(seed=0)
+    clip = clip_builder(seed=1)
     concepts = [parse_concepts(line)[0] for line in CONCEPT_LINES]
-    res, n1, n2, reps = cfg["resolution"], cfg["steps_short"], cfg["steps_long"], cfg["reps_train"]
+    res, n1, n2 = cfg["resolution"], cfg["steps_short"], cfg["steps_long"]
+    reps = reps or cfg["reps_train"]
     size = res // 8
     g = torch.Generator().manual_seed(0)
     x1 = torch.randn((1, 4, size, size), generator=g)
     sigma1 = host.model_sampling(patcher).sigma(torch.tensor([500.0]))
-    cond = host.encode(clip, "a painting in the style of Van Gogh")
-    uncond = host.encode(clip, "")
+    cond, cond_pooled = host.encode_pooled(clip, "a painting in the style of Van Gogh")
+    uncond, uncond_pooled = host.encode_pooled(clip, "")
 
     def sampling_steps(k: int) -> tuple[float, float, float]:
-        return sampling_step_seconds(patcher, x1, sigma1, cond, uncond, k)
+        return sampling_step_seconds(patcher, x1, sigma1, cond, uncond, k, (cond_pooled, uncond_pooled))
 
     def train(concept, steps):
         stepclock = StepClock()
@@ -264,7 +275,7 @@ def bench_train_vs_sample(pack, cfg: dict) -> tuple[dict, list]:
         })
         if rep < len(concepts):
             patches.append(long_result)
-        print(f"  [1] rep {rep + 1}/{reps} ({concept.text}): step {per_step:.3f}s, sampling step {fwd1:.3f}s, "
+        print(f"  [{layout}] rep {rep + 1}/{reps} ({concept.text}): step {per_step:.3f}s, sampling step {fwd1:.3f}s, "
               f"ratio {per_step / fwd1:.2f}, setup {rows[-1]['setup_s']:.2f}s", flush=True)
 
     train_step, fwd = med([r["train_step_s"] for r in rows]), med([r["sampling_step_s"] for r in rows])
@@ -273,7 +284,7 @@ def bench_train_vs_sample(pack, cfg: dict) -> tuple[dict, list]:
         what=(f"one Forget Train step (UNet forward with the attn2 hooks + backward + AdamW + grad clip, "
                  f"default settings: mode 'aimed k/v' with its output term, batch 1) over one plain sampling step (one UNet forward via "
                  f"model.apply_model under inference_mode, batch 1, conditional only, no CFG), both on the "
-                 f"small SD1.5-layout model of tests/host_models.py at {res} px ({size}x{size} latent)"),
+                 f"small {layout}-layout model of tests/host_models.py at {res} px ({size}x{size} latent)"),
         method=(f"per step = (time of forget() with {n2} steps - with {n1} steps) / {n2 - n1}, so prompt "
                 f"encoding, the concept basis, model load/unload and patch export cancel; each rep measures "
                 f"the sampling step (median of {cfg['forwards_per_rep']} forwards) and both forget() runs "
@@ -698,7 +709,7 @@ def memory_probe(options: dict, resolution: int, steps: int) -> dict:
             "unet_dtype": str(patcher.model.get_dtype()), "measured_as": how}
 
 
-def bench_training_memory(cfg: dict) -> dict:
+def bench_training_memory(pack, cfg: dict) -> dict:
     """Figure 7: each option set in a fresh process (a process's allocator keeps what an
     earlier run freed), the same script in --memory-probe mode."""
     import torch
@@ -724,6 +735,12 @@ def bench_training_memory(cfg: dict) -> dict:
         "per_option": rows,
         "not_measured": skipped,
     }
+
+
+ONLY = {  # --only NAME: (results key, measure(pack, cfg))
+    "memory": ("training_memory", bench_training_memory),
+    "sdxl": ("sdxl_train_step_over_sampling_step", lambda pack, cfg: bench_train_vs_sample(pack, cfg, "SDXL", reps=3)[0]),
+}
 
 
 # --- main -------------------------------------------------------------------------------
@@ -785,8 +802,8 @@ def main() -> int:
                         help="torch threads on a CPU-only machine (default 1: timings use process CPU time)")
     parser.add_argument("--wall", action="store_true", help="use wall-clock time on a CPU-only machine too")
     parser.add_argument("--memory-probe", metavar="JSON", help=argparse.SUPPRESS)  # figure 7's child process
-    parser.add_argument("--only-memory", action="store_true",
-                        help="measure figure 7 alone and put it into the existing --out")
+    parser.add_argument("--only", choices=sorted(ONLY),
+                        help="measure one figure alone (7: memory, 8: sdxl) and put it into the existing --out")
     parser.add_argument("--smoke-full-size", action="store_true",
                         help="run figure 4's code small and short even without CUDA (a path check; nothing is written)")
     args = parser.parse_args()
@@ -836,12 +853,13 @@ def main() -> int:
         "small_model": "tests/host_models.sd15_model(seed=0) (SD1.5 layout, model_channels 32, context 768, ~10 M params) + sd1_clip(seed=1, 2 layers)",
         "warm_up": "one sampling pass and one 1-step forget() before figure 1; one sample per patch count before figure 2",
     }
-    if args.only_memory:
+    if args.only:
+        key, measure = ONLY[args.only]
         results = json.loads(args.out.read_text())
-        results["training_memory"] = bench_training_memory(cfg)
-        results["training_memory"]["environment"] = environment(pack)
+        results[key] = measure(pack, cfg)
+        results[key]["environment"] = environment(pack)
         write_results(results, args.out)
-        print(f"wrote figure 7 into {args.out}")
+        print(f"wrote {key} into {args.out}")
         return 0
     results = {"schema": "fmn-bench/1", "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "environment": environment(pack), "config": cfg}
@@ -876,8 +894,11 @@ def main() -> int:
         }
     seconds["seconds_per_concept_sd15_512"] = time.perf_counter() - t
     t = time.perf_counter()
-    results["training_memory"] = bench_training_memory(cfg)
+    results["training_memory"] = bench_training_memory(pack, cfg)
     seconds["training_memory"] = time.perf_counter() - t
+    t = time.perf_counter()
+    results["sdxl_train_step_over_sampling_step"] = bench_train_vs_sample(pack, cfg, "SDXL", reps=3)[0]
+    seconds["sdxl_train_step_over_sampling_step"] = time.perf_counter() - t
     results["bench_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     results["bench_seconds"]["total"] = round(time.perf_counter() - started, 1)
 
@@ -920,6 +941,8 @@ def print_summary(results: dict) -> None:
     print(f"  6. sampling with attention capture / without: {f6['value']}x (target <= 1.5 on CPU)")
     f7 = results["training_memory"]["per_option"]
     print("  7. training memory above the model: " + ", ".join(f"{n} {v['peak_above_model_mib']:.0f} MiB" for n, v in f7.items()))
+    f8 = results["sdxl_train_step_over_sampling_step"]
+    print(f"  8. SDXL layout: train step / sampling step: {f8['value']}x (vs a cfg step: {f8['ratio_vs_cfg_step']}x)")
 
 
 if __name__ == "__main__":

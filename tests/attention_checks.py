@@ -18,8 +18,8 @@ PROMPTS_WITHOUT_CONCEPT = [
 
 
 def shares(model, clip, prompt: str) -> torch.Tensor:
-    context = host.encode(clip, prompt)
-    return metrics.token_shares(model, context, HELD_OUT_SEEDS, HELD_OUT_TIMESTEPS, RESOLUTION)
+    context, pooled = host.encode_pooled(clip, prompt)
+    return metrics.token_shares(model, context, HELD_OUT_SEEDS, HELD_OUT_TIMESTEPS, RESOLUTION, pooled)
 
 
 def concept_share_ratio(before, after, clip, concept: str) -> float:
