@@ -26,7 +26,7 @@ class AttentionMapViewer:
         samplers, schedulers = host.sampler_names()
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The model to look into (SD1.x or SD2.x)."}),
+                "model": ("MODEL", {"tooltip": "The model to look into (SD1.x, SD2.x or SDXL)."}),
                 "clip": ("CLIP", {"tooltip": "Its text encoder."}),
                 "vae": ("VAE", {"tooltip": "Decodes the image the maps are drawn over."}),
                 "prompt": ("STRING", {"multiline": True, "default": "a painting of a fox in a snowy forest",

@@ -121,3 +121,38 @@ def test_a_dit_model_is_refused_with_its_type_named(sdxl):
     dit = comfy.model_patcher.ModelPatcher(config.get_model({}), load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
     with pytest.raises(ValueError, match="model type PixArtAlpha: Forget-Me-Not supports the SD1.x, SD2.x and SDXL"):
         forget(dit, sdxl[1], parse_concepts(CONCEPT), ForgetConfig(steps=1))
+
+
+def test_an_sdxl_graph_runs_through_the_hosts_python_api(sdxl):
+    """forget_concept.json's graph on the small SDXL model, node by node through the host's
+    Python API (the host's checkpoint loader only recognises SDXL at full size, too large for
+    the CI machine): Forget Train, the stock KSampler before and after, and the Attention Map
+    Viewer, whose map of the forgotten words loses most of its mass."""
+    import nodes as host_nodes
+    from fmn_pack.nodes import NODE_CLASS_MAPPINGS as NODES
+    from fmn_pack.fmn_core.attention_maps import MapSettings, capture, find_words
+    from fmn_pack.toybench import loader
+    model, clip = sdxl
+    vae = loader.load()[2]  # any 4-channel VAE decodes the maps' image
+    with torch.inference_mode():  # as the host's executor runs every node
+        patched, patch, plot = NODES["FMN_ForgetTrain"]().train(model, clip, f"{CONCEPT} | style", 35, 1e-2, 2, 0,
+                                                                resolution=128, output_weight=0.0)
+        prompt = "a village painted by van gogh"
+        positive, negative = (host_nodes.CLIPTextEncode().encode(clip, text)[0] for text in (prompt, ""))
+        latent = host_nodes.EmptyLatentImage().generate(64, 64, 1)[0]
+        before, after = (host_nodes.KSampler().sample(m, 3, 4, 5.0, "euler", "normal", positive, negative, latent)[0]["samples"]
+                         for m in (model, patched))
+        out = NODES["FMN_AttentionMapViewer"]().view(model, clip, vae, prompt, "van gogh, village", 3, 4, 5.0, "euler",
+                                                     "normal", 64, 64, model_after=patched)
+    assert patch.metadata["fmn.base_arch"] == "SDXL" and plot.shape[-1] == 3
+    assert before.shape == after.shape == (1, 4, 8, 8) and torch.isfinite(after).all() and not torch.equal(before, after)
+    images, overlays, masks = out["result"]
+    assert images.shape[0] == 2 and overlays.shape[0] == masks.shape[0] == 4
+    assert [(e["model"], e["word"]) for e in out["ui"]["fmn_attention"]] == [
+        ("before", "van gogh"), ("before", "village"), ("after", "van gogh"), ("after", "village")]
+    settings = MapSettings(steps=4, cfg=5.0, width=64, height=64)
+    words = find_words(clip, prompt, "van gogh")
+    with torch.inference_mode():
+        conds = host.conditioning(clip, prompt), host.conditioning(clip, "")
+        mass = [float(capture(m, *conds, words, settings)[1].sum()) for m in (model, patched)]
+    assert mass[1] < 0.5 * mass[0], mass
