@@ -3,12 +3,14 @@
 A line is `concept`, optionally followed by `| category` (a registered category or a
 custom template containing `{}`), `| images=A-B` (which images of the batch show this
 concept; default: all) and `| anchor=TEXT` (what the concept's prompts should turn into;
-default: the category's anchor). Examples:
+default: the category's anchor). A line `preset:NAME` stands for a ready list of concept
+lines (`PRESETS`). Examples:
 
     Van Gogh | style
     a red fox
     embedding:my_cat | identity | images=0-3
     Mickey Mouse | a cartoon of {} waving | anchor=a mouse
+    preset:nsfw
 """
 from __future__ import annotations
 
@@ -19,12 +21,22 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "object": ("a photo of {}", "an image of {}", "a picture of {}", "{} in a scene", "a close-up photo of {}"),
     "style": ("a painting in the style of {}", "an artwork by {}", "a picture in the style of {}", "{} style art", "a landscape painted by {}"),
     "identity": ("a photo of {}", "a portrait of {}", "{} smiling", "a picture of {} in a crowd", "a close-up of {}'s face"),
+    # Words that make a picture of people explicit: used as adjectives of a figure, so the
+    # anchor ("clothed") gives the same sentence about a dressed figure.
+    "nsfw": ("a photo of a {} woman", "a photo of a {} man", "a {} person on a bed", "a painting of a {} figure",
+             "{} art"),
 }
 
 # What a forgotten concept falls back to: someone, something, or (styles, custom
 # templates) the prompt without it. A generic word keeps the sentence whole; a plain gap
 # lets the model fill it with whatever the rest of the prompt suggests.
-ANCHORS: dict[str, str] = {"object": "an object", "identity": "a person", "style": "", "custom": ""}
+ANCHORS: dict[str, str] = {"object": "an object", "identity": "a person", "style": "", "custom": "", "nsfw": "clothed"}
+
+# `preset:NAME` lines. Text only: the words and the templates above, no images.
+PRESETS: dict[str, tuple[str, ...]] = {
+    "nsfw": tuple(f"{word} | nsfw" for word in ("nude", "naked", "nudity", "topless", "erotic", "sexual", "nsfw", "explicit")),
+}
+_PRESET = re.compile(r"^preset\s*:\s*(\S*)$")
 
 _IMAGES = re.compile(r"^images\s*=\s*(\d+)\s*(?:-\s*(\d+))?$")
 _ANCHOR = re.compile(r"^anchor\s*=(.*)$")
@@ -60,7 +72,7 @@ def _templates_for(field: str, line: str) -> tuple[str, tuple[str, ...]]:
 def parse_concepts(text: str) -> list[Concept]:
     """One Concept per non-empty line; a clear error for anything malformed."""
     concepts = []
-    for raw in text.splitlines():
+    for raw in _expand_presets(text):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -88,6 +100,20 @@ def parse_concepts(text: str) -> list[Concept]:
     if not concepts:
         raise ValueError("no concepts given: write one concept per line, e.g. 'Van Gogh | style'")
     return concepts
+
+
+def _expand_presets(text: str) -> list[str]:
+    lines = []
+    for raw in text.splitlines():
+        match = _PRESET.match(raw.strip())
+        if match is None:
+            lines.append(raw)
+        elif match.group(1) in PRESETS:
+            lines.extend(PRESETS[match.group(1)])
+        else:
+            raise ValueError(f"unknown preset {match.group(1)!r} in {raw.strip()!r}: use one of "
+                             + ", ".join(f"preset:{name}" for name in PRESETS))
+    return lines
 
 
 KEEP_TEMPLATES = ("a photo of {}", "a painting of {}", "{}")

@@ -126,3 +126,24 @@ def test_keep_list_is_parsed_and_may_not_overlap_the_concepts():
     assert star.prompts()[5:7] == ["a photo of star, zebra", "a photo of star, a {curly} word"]
     assert star.anchor_prompts()[5] == "a photo of an object, zebra"
     assert keep_prompts(("zebra",)) == ["a photo of zebra", "a painting of zebra", "zebra"]
+
+
+def test_the_nsfw_preset_forgets_its_words_towards_clothed_figures(sd1):
+    """`preset:nsfw` is eight text-only concept lines whose prompts are steered to the same
+    sentence about a clothed figure; at the attention level each word's share halves on
+    held-out prompts, and the aim keeps prompts without them far steadier than the same
+    budget without it (eight concepts at once move other words more than one does:
+    measured 0.41 against 0.99; the shares fall to 0.23-0.27 of before)."""
+    model, clip = sd1
+    concepts = parse_concepts("preset:nsfw")
+    assert [c.text for c in concepts] == ["nude", "naked", "nudity", "topless", "erotic", "sexual", "nsfw", "explicit"]
+    assert concepts[1].prompts()[0] == "a photo of a naked woman" and concepts[1].anchor_prompts()[0] == "a photo of a clothed woman"
+    with pytest.raises(ValueError, match="unknown preset 'gore'.*preset:nsfw"):
+        parse_concepts("preset:gore")
+    budget = {**PAPER_BUDGET, "steps": 160}
+    patched, naive = (host.apply_lora(model, forget(model, clip, concepts, ForgetConfig(resolution=RESOLUTION, mode=mode, **budget)).lora, 1.0)
+                      for mode in ("aimed k/v", "k/v"))
+    ratios = {word: concept_share_ratio(model, patched, clip, word) for word in ("naked", "nude", "erotic")}
+    assert max(ratios.values()) <= 0.5, ratios
+    aimed_change, naive_change = worst_word_change(model, patched, clip), worst_word_change(model, naive, clip)
+    assert aimed_change < naive_change / 2, (aimed_change, naive_change)

@@ -167,7 +167,8 @@ def test_every_node_explains_itself_in_the_ui(object_info: dict) -> None:
 
 
 def test_workflows_are_served_as_templates(server: ComfyServer) -> None:
-    assert sorted(server.get("/workflow_templates")[PACK_DIR_NAME]) == ["attention_maps", "forget_concept", "mscore", "stack_patches", "toybench_forget"]
+    assert sorted(server.get("/workflow_templates")[PACK_DIR_NAME]) == ["attention_maps", "forget_concept", "mscore", "remove_nsfw",
+                                                                     "stack_patches", "toybench_forget"]
     served = server.get(f"/api/workflow_templates/{PACK_DIR_NAME}/forget_concept.json")
     assert served == load_workflow("forget_concept")
 
@@ -182,7 +183,7 @@ def test_each_workflow_has_a_thumbnail_and_no_model_links(server: ComfyServer, n
     assert not re.findall(r"https?://", json.dumps(workflow))
 
 
-@pytest.mark.parametrize("name", ["forget_concept", "stack_patches"])
+@pytest.mark.parametrize("name", ["forget_concept", "remove_nsfw", "stack_patches"])
 def test_shipped_workflows_match_node_definitions(object_info: dict, name: str) -> None:
     prompt = ui_to_api(load_workflow(name), object_info)
     for node in prompt.values():
@@ -218,6 +219,20 @@ def test_forget_concept_workflow_runs(server: ComfyServer, van_gogh: tuple[dict,
     pixels_before, pixels_after = image_pixels(before[0]), image_pixels(after[0])
     assert len(set(pixels_before)) > 1, "the original model decoded to a flat image"
     assert pixels_before != pixels_after, "same seed, yet the patched model drew exactly the original image"
+
+
+def test_remove_nsfw_workflow_trains_the_preset(server: ComfyServer, object_info: dict) -> None:
+    """The shipped remove_nsfw workflow, shrunk to test size: one patch over the preset's
+    eight words, steered to clothed figures."""
+    prompt = shipped_prompt("remove_nsfw", object_info)
+    set_inputs(prompt, "FMN_ForgetTrain", steps=2, resolution=SIZE)
+    set_inputs(prompt, "FMN_SaveForgetPatch", filename="fmn_test_nsfw")
+    server.run_prompt(prompt, PROMPT_TIMEOUT_S)
+    path = server.patches_dir / "fmn_test_nsfw.safetensors"
+    check_patch_file(path, "naked")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    assert len(json.loads(metadata["fmn.concepts"])) == 8 and set(json.loads(metadata["fmn.anchors"])) == {"clothed"}
 
 
 def test_saved_patch_is_offered_by_load_forget_patch(server: ComfyServer, van_gogh: tuple[dict, dict]) -> None:
