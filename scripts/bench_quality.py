@@ -27,6 +27,11 @@ the original model already draws each object for the object anchor's prompts.
   like it); after the three-concept run, of all twelve (so a forgotten concept's drop can
   be set beside the kept ones').
 
+Redirect (the paper's concept correction): a concept forgotten with `| anchor=<another
+concept>` and the other concept's images, the pack's defaults otherwise; the share of the
+forgotten concept's prompts (all of them, held-out seeds) in which the oracle sees the
+replacement, and in which it still sees the concept.
+
 Writes bench/quality.json and bench/QUALITY.md (the README's table). About an hour on 2
 CPU cores (67 min for the last full run, on a shared machine). `--runs` picks runs by name,
 `--recipe NAME=JSON` adds or overrides a recipe (ForgetConfig fields), to compare settings
@@ -52,6 +57,13 @@ OUT = REPO / "bench"
 SEEDS_IDENTITY = tuple(range(9000, 9016))  # 16 per portrait prompt
 SEEDS_SCENE = tuple(range(9000, 9006))     # 6 per object prompt (5 prompts per object, 4 per style)
 IMAGES_PER_CONCEPT = 8
+# Redirects (concept, its category, the anchor that replaces it, the concept the oracle
+# should then see): one per category.
+REDIRECTS = (("star", "object", "a ring", "ring"), ("Captain Zorb", "identity", "Madame Plink", "Madame Plink"),
+             ("zebra", "style", "checkers", "checkers"))
+# The README's redirect settings: the output term must pull the concept's prompts all the
+# way to the replacement (the defaults, 150 steps at weight 10, reached 0.64 / 0.06 / 0.70).
+REDIRECT_RECIPE = {"output_weight": 100.0, "steps": 400, "learning_rate": 0.05}
 # The paper's recipe (METHOD.md): its loss alone, every attn2 weight trained whole. Its
 # lr (2e-6 on SD2.1, 2e-5 in the SD1.5 reuse) barely moves the toy model (Captain Zorb
 # stayed fully detected at 2e-5 on an earlier build), so it is scaled x10; its 35 steps
@@ -136,6 +148,8 @@ def main(argv=None) -> None:
     ap.add_argument("--only-inversion", action="store_true",
                     help="re-measure only Concept Inversion and M-Score into the existing --out (the pack-defaults "
                          "patches are retrained with the same seed; the forgetting results are kept)")
+    ap.add_argument("--only-redirect", action="store_true",
+                    help="measure only the redirects (REDIRECTS) into the existing --out")
     ap.add_argument("--only-anchor-floor", action="store_true",
                     help="measure only how often the original model draws each object for the object anchor's prompts, "
                          "into the existing --out")
@@ -162,6 +176,11 @@ def main(argv=None) -> None:
     oracle_net = loader.load_oracle(folder)
     if args.only_inversion:
         return remeasure_inversion(toy, oracle_net, all_runs, seeds[0], args.seed, Path(args.out))
+    if args.only_redirect:
+        report = json.loads(Path(args.out).read_text())
+        report["redirect"] = redirect_report(toy, oracle_net, seeds, args.seed, report["base"],
+                                             next(iter(recipes.values()), None) if args.only_recipes else None)
+        return rewrite_report(report, Path(args.out))
     if args.only_anchor_floor:
         report = json.loads(Path(args.out).read_text())
         report["anchor_floor"] = anchor_floor(toy, oracle_net, seeds[0])
@@ -196,6 +215,7 @@ def main(argv=None) -> None:
     if not args.no_inversion:
         report["inversion"] = inversion_report(toy, oracle_net, patched_models, all_runs, seeds[0])
     report["anchor_floor"] = anchor_floor(toy, oracle_net, seeds[0])
+    report["redirect"] = redirect_report(toy, oracle_net, seeds, args.seed, report["base"])
     write_report(report, Path(args.out), table=not args.runs and not args.only_recipes)
     print(f"wrote {args.out} ({time.perf_counter() - t0:.0f}s)")
 
@@ -264,6 +284,38 @@ def anchor_floor(toy, oracle_net, seeds: list[int]) -> dict[str, dict[str, float
     return out
 
 
+def redirect_report(toy, oracle_net, seeds: tuple[list[int], list[int]], seed: int, base: dict,
+                    recipe: dict | None = None) -> dict[str, dict]:
+    """Each REDIRECTS line trained with the replacement's images (`recipe`'s ForgetConfig
+    fields, default REDIRECT_RECIPE); detection of the replacement and of the concept on
+    every prompt that names the concept, and the other concepts' detection after / before
+    (`base`) on their own prompts."""
+    import torch
+    from fmn_pack.fmn_core import concepts as fmn_concepts, patch as fmn_patch, train
+    from fmn_pack.toybench import probes, train as toy_train, world
+    mp, clip, vae = toy
+    recipe = REDIRECT_RECIPE if recipe is None else recipe
+    out = {}
+    for concept, category, anchor, replacement in REDIRECTS:
+        line = f"{concept} | {category} | anchor={anchor}"
+        with torch.inference_mode():
+            latents = {0: probes.concept_latents(mp, vae, replacement, IMAGES_PER_CONCEPT)}
+            started = time.perf_counter()
+            result = train.forget(mp, clip, fmn_concepts.parse_concepts(line), train.ForgetConfig(seed=seed, resolution=32, **recipe), latents)
+            seconds = time.perf_counter() - started
+            patched = fmn_patch.apply_patch(mp, fmn_patch.ForgetPatch(result.lora, result.metadata), 1.0)
+            scenes = [Probe(s.prompt, (concept, replacement), bool(s.identity)) for s in world.scenes_for(concept)]
+            seen = toy_train.detection_rates(patched, clip, vae, oracle_net, *seeds, scenes=scenes)
+        after = rates(patched, toy, oracle_net, seeds)
+        others = [c for c in base if c not in (concept, replacement)]
+        kept = sum(after[c] for c in others) / sum(base[c] for c in others)
+        out[line] = {"replacement": replacement, "replacement_detected": round(seen[replacement], 3),
+                     "concept_detected": round(seen[concept], 3), "kept": round(kept, 3), "prompts": len(scenes),
+                     "seconds": round(seconds, 1), "settings": recipe}
+        print(f"redirect {line!r}: {json.dumps(out[line])}", flush=True)
+    return out
+
+
 def neighbours(forgotten: list[str]) -> list[str]:
     """The forgotten concepts and the kept members of their categories: the kept concepts
     most like them, whose M-Score a forget patch is likeliest to drag down with them."""
@@ -326,6 +378,12 @@ def markdown(report: dict) -> str:
                      f"{three[concept]:.3f}" if concept in three else "-"]
             rows.append(f"| {concept} | {rec['detection_initial']:.2f} -> {rec['detection_learned']:.2f} | "
                         f"{before[concept]:.3f} | " + " | ".join(cells) + " |")
+    redirects = report.get("redirect")
+    if redirects:
+        rows += ["", "| redirect (the replacement's images; output weight 100, 400 steps, lr 0.05) | replacement seen | "
+                 "concept still seen | others kept | s |", "|---|---|---|---|---|"]
+        rows += [f"| `{line}` | {r['replacement_detected']:.2f} | {r['concept_detected']:.2f} | {r['kept']:.3f} | {r['seconds']:.0f} |"
+                 for line, r in redirects.items()]
     floor = report.get("anchor_floor")
     if floor:
         objects = list(next(iter(floor.values())))
