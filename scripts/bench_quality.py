@@ -382,7 +382,7 @@ def markdown(report: dict) -> str:
     if redirects:
         rows += ["", "| redirect (the replacement's images; output weight 100, 400 steps, lr 0.05) | replacement seen | "
                  "concept still seen | others kept | s |", "|---|---|---|---|---|"]
-        rows += [f"| `{line}` | {r['replacement_detected']:.2f} | {r['concept_detected']:.2f} | {r['kept']:.3f} | {r['seconds']:.0f} |"
+        rows += [f"| `{line.replace('|', chr(92) + '|')}` | {r['replacement_detected']:.2f} | {r['concept_detected']:.2f} | {r['kept']:.3f} | {r['seconds']:.0f} |"
                  for line, r in redirects.items()]
     floor = report.get("anchor_floor")
     if floor:
