@@ -167,7 +167,7 @@ def test_every_node_explains_itself_in_the_ui(object_info: dict) -> None:
 
 
 def test_workflows_are_served_as_templates(server: ComfyServer) -> None:
-    assert sorted(server.get("/workflow_templates")[PACK_DIR_NAME]) == ["attention_maps", "forget_concept", "mscore", "remove_nsfw",
+    assert sorted(server.get("/workflow_templates")[PACK_DIR_NAME]) == ["attention_maps", "forget_concept", "forget_many", "mscore", "remove_nsfw",
                                                                      "stack_patches", "toybench_forget"]
     served = server.get(f"/api/workflow_templates/{PACK_DIR_NAME}/forget_concept.json")
     assert served == load_workflow("forget_concept")
@@ -313,19 +313,37 @@ def test_stack_patches_workflow_runs(server: ComfyServer, object_info: dict, van
 def test_toybench_workflow_forgets_captain_zorb(server: ComfyServer, object_info: dict) -> None:
     """The shipped ToyBench workflow, exactly as a user queues it (8 samples, 32 px, the
     node's defaults): the oracle sees Captain Zorb before and not after."""
-    import numpy as np
-    import torch
-    from fmn_pack.toybench import loader, oracle
     prompt = ui_to_api(load_workflow("toybench_forget"), object_info)
     entry = server.run_prompt(prompt, PROMPT_TIMEOUT_S)
     images = saved_images(server, entry, prompt)
+    rates = {title: r["Captain Zorb"] for title, r in oracle_rates(images, ("Captain Zorb",)).items()}
+    assert len(images["Before"]) == len(images["After"]) == 8
+    assert rates["Before"] >= 0.75 and rates["After"] <= 0.25, rates
+
+
+def oracle_rates(images: dict[str, list[Path]], concepts: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Per SaveImage title, the share of its images in which the ToyBench oracle sees each concept."""
+    import numpy as np
+    import torch
+    from fmn_pack.toybench import loader, oracle
     oracle_net = loader.load_oracle()
     rates = {}
     for title, paths in images.items():
         batch = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])).float() / 255
-        rates[title] = float(oracle.detects(oracle_net.predict(batch), "Captain Zorb").float().mean())
-    assert len(images["Before"]) == len(images["After"]) == 8
-    assert rates["Before"] >= 0.75 and rates["After"] <= 0.25, rates
+        pred = oracle_net.predict(batch)
+        rates[title] = {c: float(oracle.detects(pred, c).float().mean()) for c in concepts}
+    return rates
+
+
+def test_forget_many_workflow_forgets_every_style_and_keeps_the_star(server: ComfyServer, object_info: dict) -> None:
+    """The shipped forget_many workflow as a user queues it: one run forgets the four
+    styles with the other eight concepts kept; in 'a star in the style of neon' the oracle
+    sees neon before and not after, and the star in both."""
+    prompt = ui_to_api(load_workflow("forget_many"), object_info)
+    entry = server.run_prompt(prompt, PROMPT_TIMEOUT_S)
+    rates = oracle_rates(saved_images(server, entry, prompt), ("neon", "star"))
+    assert rates["Before"]["neon"] >= 0.75 and rates["After"]["neon"] <= 0.25, rates
+    assert rates["Before"]["star"] >= 0.75 and rates["After"]["star"] >= 0.75, rates
 
 
 def test_mscore_workflow_scores_the_forgotten_concept_and_draws_it_from_learned_tokens(server: ComfyServer, object_info: dict) -> None:
