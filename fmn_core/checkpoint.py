@@ -29,8 +29,9 @@ from .safetensors_check import load_checked
 
 STATE_SUFFIX = ".fmn-state"
 FORMAT = "forget-me-not-state/1"
-# Config fields a resumed run may change: how long it runs. Every other field must match.
-FREE_FIELDS = ("steps", "precision", "gradient_checkpointing")  # a resumed run may change them
+# Config fields a resumed run may change: how long it runs and how it saves memory (neither
+# changes what is trained). Every other field must match.
+FREE_FIELDS = ("steps", "precision", "gradient_checkpointing")
 
 
 @dataclass

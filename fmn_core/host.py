@@ -193,14 +193,15 @@ def check_embeddings(clip, text: str) -> None:
     trust: missing, pickle-based (.pt/.bin: never unpickled), malformed, non-finite, or
     made for another text encoder width. The host itself skips such files with a log line
     and drops the words, which would silently change what a node trains or measures."""
+    references = embedding_references(clip, text)
     for inner in _tokenizers(clip).values():
-        _check_embeddings_for(inner, clip, text)
+        _check_embeddings_for(inner, references)
 
 
-def _check_embeddings_for(inner, clip, text: str) -> None:
+def _check_embeddings_for(inner, references: list[tuple[str, str | None]]) -> None:
     """`check_embeddings` for one encoder's tokenizer (SDXL embeddings hold rows for both)."""
     width, key = getattr(inner, "embedding_size", None), getattr(inner, "embedding_key", None)
-    for name, path in embedding_references(clip, text):
+    for name, path in references:
         if path is None:
             raise ValueError(f"embedding:{name} was not found in the embeddings folder(s) {inner.embedding_directory}: "
                              f"put {name}.safetensors there or correct the name")

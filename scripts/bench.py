@@ -53,8 +53,8 @@ RESULTS = REPO / "bench" / "results.json"
 CONCEPT_LINES = ("Van Gogh | style", "Mickey Mouse | identity", "a red fox")
 PATCH_SIZE_TARGET_BYTES = 200_000  # "under 200 KB" (issue); 200 KiB = 204,800 is reported too
 SECONDS_PER_CONCEPT_TARGET = 10.0  # on one H200
-SD15_UNET_PARAMS = 859_520_964
-MEMORY_RESOLUTION, MEMORY_STEPS = 512, 1  # figure 7  # what the host's loader passes to unet_dtype() for an SD1.5 UNet
+SD15_UNET_PARAMS = 859_520_964  # what the host's loader passes to unet_dtype() for an SD1.5 UNet
+MEMORY_RESOLUTION, MEMORY_STEPS = 512, 1  # figure 7
 
 
 # --- bootstrap (same as tests/conftest.py) ---------------------------------------------
@@ -737,7 +737,7 @@ def bench_training_memory(pack, cfg: dict) -> dict:
     }
 
 
-ONLY = {  # --only NAME: (results key, measure(pack, cfg))
+ONLY = {  # figures 7 and 8, also measurable alone with --only NAME: (results key, measure(pack, cfg))
     "memory": ("training_memory", bench_training_memory),
     "sdxl": ("sdxl_train_step_over_sampling_step", lambda pack, cfg: bench_train_vs_sample(pack, cfg, "SDXL", reps=3)[0]),
 }
@@ -893,12 +893,10 @@ def main() -> int:
             "target_s": SECONDS_PER_CONCEPT_TARGET,
         }
     seconds["seconds_per_concept_sd15_512"] = time.perf_counter() - t
-    t = time.perf_counter()
-    results["training_memory"] = bench_training_memory(pack, cfg)
-    seconds["training_memory"] = time.perf_counter() - t
-    t = time.perf_counter()
-    results["sdxl_train_step_over_sampling_step"] = bench_train_vs_sample(pack, cfg, "SDXL", reps=3)[0]
-    seconds["sdxl_train_step_over_sampling_step"] = time.perf_counter() - t
+    for key, measure in ONLY.values():  # figures 7 and 8
+        t = time.perf_counter()
+        results[key] = measure(pack, cfg)
+        seconds[key] = time.perf_counter() - t
     results["bench_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     results["bench_seconds"]["total"] = round(time.perf_counter() - started, 1)
 

@@ -100,8 +100,9 @@ def score(base: dict, after: dict, forgotten: list[str]) -> dict:
             "H": round(h, 4), "worst_kept": min(kept_names, key=lambda c: after[c] - base[c])}
 
 
-def one_run(toy, lines: list[str], recipe: dict, seed: int) -> dict:
-    """Train one patch the way the Forget Train node does; time it and size its file."""
+def one_run(toy, lines: list[str], recipe: dict, seed: int, images_of: list[str] | None = None) -> dict:
+    """Train one patch the way the Forget Train node does; time it and size its file.
+    Each line is given images of its own concept, or of the concept `images_of` names."""
     import torch
     from fmn_pack.fmn_core import concepts as fmn_concepts, host, patch as fmn_patch, train
     from fmn_pack.toybench import world
@@ -111,7 +112,8 @@ def one_run(toy, lines: list[str], recipe: dict, seed: int) -> dict:
         recipe = {**recipe, "keep": tuple(c for c in world.CONCEPTS if c not in {x.text for x in concepts})}
     config = train.ForgetConfig(seed=seed, resolution=32, **recipe)
     with torch.inference_mode():
-        images = [torch.from_numpy(world.images_of(c.text, IMAGES_PER_CONCEPT, 100 + i)) for i, c in enumerate(concepts)]
+        shown = images_of or [c.text for c in concepts]
+        images = [torch.from_numpy(world.images_of(name, IMAGES_PER_CONCEPT, 100 + i)) for i, name in enumerate(shown)]
         latents = {i: host.process_latent_in(mp, host.vae_encode(vae, im).float()) for i, im in enumerate(images)}
         started = time.perf_counter()
         result = train.forget(mp, clip, concepts, config, latents)
@@ -291,27 +293,20 @@ def redirect_report(toy, oracle_net, seeds: tuple[list[int], list[int]], seed: i
     every prompt that names the concept, and the other concepts' detection after / before
     (`base`) on their own prompts."""
     import torch
-    from fmn_pack.fmn_core import concepts as fmn_concepts, patch as fmn_patch, train
-    from fmn_pack.toybench import probes, train as toy_train, world
-    mp, clip, vae = toy
+    from fmn_pack.toybench import train as toy_train, world
+    _, clip, vae = toy
     recipe = REDIRECT_RECIPE if recipe is None else recipe
     out = {}
     for concept, category, anchor, replacement in REDIRECTS:
         line = f"{concept} | {category} | anchor={anchor}"
+        run = one_run(toy, [line], recipe, seed, images_of=[replacement])
+        scenes = [Probe(s.prompt, (concept, replacement), bool(s.identity)) for s in world.scenes_for(concept)]
         with torch.inference_mode():
-            latents = {0: probes.concept_latents(mp, vae, replacement, IMAGES_PER_CONCEPT)}
-            started = time.perf_counter()
-            result = train.forget(mp, clip, fmn_concepts.parse_concepts(line), train.ForgetConfig(seed=seed, resolution=32, **recipe), latents)
-            seconds = time.perf_counter() - started
-            patched = fmn_patch.apply_patch(mp, fmn_patch.ForgetPatch(result.lora, result.metadata), 1.0)
-            scenes = [Probe(s.prompt, (concept, replacement), bool(s.identity)) for s in world.scenes_for(concept)]
-            seen = toy_train.detection_rates(patched, clip, vae, oracle_net, *seeds, scenes=scenes)
-        after = rates(patched, toy, oracle_net, seeds)
-        others = [c for c in base if c not in (concept, replacement)]
-        kept = sum(after[c] for c in others) / sum(base[c] for c in others)
+            seen = toy_train.detection_rates(run["patched"], clip, vae, oracle_net, *seeds, scenes=scenes)
+        kept = score(base, rates(run["patched"], toy, oracle_net, seeds), [concept, replacement])["kept"]
         out[line] = {"replacement": replacement, "replacement_detected": round(seen[replacement], 3),
                      "concept_detected": round(seen[concept], 3), "kept": round(kept, 3), "prompts": len(scenes),
-                     "seconds": round(seconds, 1), "settings": recipe}
+                     "seconds": round(run["seconds"], 1), "settings": recipe}
         print(f"redirect {line!r}: {json.dumps(out[line])}", flush=True)
     return out
 
