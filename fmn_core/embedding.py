@@ -13,11 +13,12 @@ from .files import atomic_write, safe_filename
 
 @dataclass
 class Embedding:
-    """The EMBEDDING value between nodes: rows (k, width) under the host's encoder key."""
+    """The EMBEDDING value between nodes: rows (k, width), their columns split over the
+    host's encoder keys (SDXL: 768 for clip_l, then 1280 for clip_g)."""
 
     name: str
     vectors: torch.Tensor
-    key: str  # "clip_l" (SD1) or "clip_h" (SD2): what the host's loader reads for that encoder
+    layout: tuple[tuple[str, int], ...]  # (key, width) per encoder: what the host's loader reads for it
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -28,10 +29,15 @@ def embedding_filename(name: str) -> str:
 
 
 def save_embedding(embedding: Embedding, path: Path, overwrite: bool = False) -> Path:
-    """Write `{key: rows}` with the settings as safetensors metadata, atomically."""
+    """Write `{key: rows}` per encoder with the settings as safetensors metadata, atomically."""
     from safetensors.torch import save_file
 
-    tensors = {embedding.key: embedding.vectors.detach().to("cpu", torch.float32).contiguous()}
+    vectors = embedding.vectors.detach().to("cpu", torch.float32)
+    widths = [width for _, width in embedding.layout]
+    if vectors.shape[-1] != sum(widths):
+        raise ValueError(f"embedding {embedding.name!r} has rows of width {vectors.shape[-1]}, its layout "
+                         f"{embedding.layout} needs {sum(widths)}")
+    tensors = {key: part.contiguous() for (key, _), part in zip(embedding.layout, vectors.split(widths, dim=-1))}
     return atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=embedding.metadata), overwrite)
 
 

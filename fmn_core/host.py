@@ -263,46 +263,64 @@ def encode_many(clip, prompts: list[str]) -> torch.Tensor:
     return cond.reshape(len(prompts), -1, cond.shape[-1])
 
 
-def text_encoder_spec(clip):
-    """The host's text encoder as a `TextEncoderSpec`: float32 copies of its (patched)
-    weights, the output layer the CLIP's current clip-skip selects, its attention function
-    and special tokens. SD1 (clip_l) and SD2 (clip_h) encoders; others are refused."""
+def _inner_encoders(clip) -> list[tuple[object, object]]:
+    """(encoder, tokenizer) per text encoder, in the order the host concatenates their
+    contexts: SD1 (clip_l), SD2 (clip_h), SDXL (clip_l, clip_g)."""
+    outer, tokenizer = clip.cond_stage_model, clip.tokenizer
+    if getattr(outer, "clip", "") in ("clip_l", "clip_h"):
+        names = [outer.clip]
+    elif hasattr(outer, "clip_l") and hasattr(outer, "clip_g"):  # SDXLClipModel
+        names = ["clip_l", "clip_g"]
+    else:
+        raise ValueError(f"text encoder {type(outer).__name__} is not supported for inversion: use an SD1.x, SD2.x "
+                         "or SDXL CLIP")
+    pairs = [(getattr(outer, name, None), getattr(tokenizer, name, None)) for name in names]
+    if any(inner is None or not hasattr(inner, "transformer") or tok is None for inner, tok in pairs):
+        raise ValueError(f"text encoder {type(outer).__name__} does not hold the CLIP models {names}: "
+                         "load the checkpoint's own CLIP")
+    return pairs
+
+
+def text_encoder_specs(clip) -> list:
+    """The host's text encoders as `TextEncoderSpec`s: float32 copies of their (patched)
+    weights, the output layer the CLIP's current clip-skip selects, their attention
+    function, special tokens and pooled projection."""
     import comfy.ldm.modules.attention as attention
 
     from .text_encoder import TextEncoderSpec
 
-    outer = clip.cond_stage_model
-    inner = getattr(outer, getattr(outer, "clip", ""), None)
-    if inner is None or not hasattr(inner, "transformer") or getattr(outer, "clip", "") not in ("clip_l", "clip_h"):
-        raise ValueError(
-            f"text encoder {type(outer).__name__} is not supported for inversion: use an SD1.x or SD2.x CLIP"
-        )
-    if inner.enable_attention_masks:
-        raise ValueError(f"text encoder {type(inner).__name__} uses attention masks, which inversion does not support")
+    pairs = _inner_encoders(clip)
+    for inner, _ in pairs:
+        if inner.enable_attention_masks:
+            raise ValueError(f"text encoder {type(inner).__name__} uses attention masks, which inversion does not support")
     clip.load_model()
+    outer = clip.cond_stage_model
     outer.reset_clip_options()
     if clip.layer_idx is not None:
         outer.set_clip_options({"layer": clip.layer_idx})
     try:
-        layer, layer_idx, norm_hidden = inner.layer, inner.layer_idx, inner.layer_norm_hidden_state
+        layers = [(inner.layer, inner.layer_idx, inner.layer_norm_hidden_state) for inner, _ in pairs]
     finally:
         outer.reset_clip_options()
-    if layer not in ("last", "hidden"):
-        raise ValueError(f"text encoder output layer {layer!r} is not supported for inversion")
-    text_model = inner.transformer.text_model
-    with torch.inference_mode(False):
-        weights = {f"text_model.{k}": v.detach().to(torch.float32).clone() for k, v in text_model.state_dict().items()}
-    first = text_model.encoder.layers[0]
-    special = inner.special_tokens
-    tokenizer = getattr(clip.tokenizer, getattr(clip.tokenizer, "clip", ""))
-    device = weights["text_model.embeddings.token_embedding.weight"].device
-    return TextEncoderSpec(
-        weights=weights, layers=len(text_model.encoder.layers), heads=first.self_attn.heads,
-        activation=first.mlp.activation, output_layer=None if layer == "last" else layer_idx, norm_hidden=norm_hidden,
-        attention=attention.optimized_attention_for_device(device, mask=True, small_input=True),
-        start=special["start"], end=special["end"], pad=special["pad"], length=tokenizer.max_length,
-        embedding_key=tokenizer.embedding_key,
-    )
+    specs = []
+    for (inner, tokenizer), (layer, layer_idx, norm_hidden) in zip(pairs, layers):
+        if layer not in ("last", "hidden"):
+            raise ValueError(f"text encoder output layer {layer!r} is not supported for inversion")
+        model = inner.transformer
+        with torch.inference_mode(False):
+            weights = {f"text_model.{k}": v.detach().to(torch.float32).clone() for k, v in model.text_model.state_dict().items()}
+            projection = model.text_projection.weight.detach().to(torch.float32).clone() if inner.return_projected_pooled else None
+        first = model.text_model.encoder.layers[0]
+        special = inner.special_tokens
+        device = weights["text_model.embeddings.token_embedding.weight"].device
+        specs.append(TextEncoderSpec(
+            weights=weights, layers=len(model.text_model.encoder.layers), heads=first.self_attn.heads,
+            activation=first.mlp.activation, output_layer=None if layer == "last" else layer_idx, norm_hidden=norm_hidden,
+            attention=attention.optimized_attention_for_device(device, mask=True, small_input=True),
+            start=special["start"], end=special["end"], pad=special["pad"], length=tokenizer.max_length,
+            embedding_key=tokenizer.embedding_key, projection=projection,
+        ))
+    return specs
 
 
 # --- the UNet ---------------------------------------------------------------------
@@ -454,14 +472,18 @@ def sample_latent(patcher, positive: list, negative: list, noise_seeds: list[int
                                disable_pbar=True, seed=noise_seeds[0])
 
 
-def sample(patcher, context: torch.Tensor, negative: torch.Tensor, seeds: list[int], shape: tuple[int, ...],
-           steps: int = 20, cfg: float = 5.0) -> torch.Tensor:
+def sample(patcher, positive: tuple[torch.Tensor, torch.Tensor | None], negative: tuple[torch.Tensor, torch.Tensor | None],
+           seeds: list[int], shape: tuple[int, ...], steps: int = 20, cfg: float = 5.0) -> torch.Tensor:
     """VAE latents sampled as KSampler does (euler, normal), one per seed, from raw
-    contexts (1, T, D) instead of text: conditioning no prompt can spell."""
+    (context (1, T, D), pooled (1, W) or None) pairs instead of text: conditioning no
+    prompt can spell."""
     n = len(seeds)
-    positive = [[context.detach().expand(n, -1, -1).cpu(), {}]]
-    negative = [[negative.detach().expand(n, -1, -1).cpu(), {}]]
-    return sample_latent(patcher, positive, negative, seeds, torch.zeros((n, *shape)), steps, cfg)
+
+    def cond(context: torch.Tensor, pooled: torch.Tensor | None) -> list:
+        extra = {} if pooled is None else {"pooled_output": pooled.detach().expand(n, -1).cpu()}
+        return [[context.detach().expand(n, -1, -1).cpu(), extra]]
+
+    return sample_latent(patcher, cond(*positive), cond(*negative), seeds, torch.zeros((n, *shape)), steps, cfg)
 
 
 def sampler_names() -> tuple[list[str], list[str]]:

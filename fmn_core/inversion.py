@@ -21,7 +21,7 @@ from .checkpoint import Checkpoints, capture, resumed, save_state, settings_of, 
 from .embedding import Embedding, describe, save_embedding
 from .latents import noisy
 from .memory import Precision, check_precision, checkpointed
-from .text_encoder import TextEncoder
+from .text_encoder import TextEncoders
 from .tokens import SpecialTokens, content_tokens
 
 DEFAULT_TEMPLATE = "a photo of {}"
@@ -57,12 +57,12 @@ class InversionConfig:
 class InversionResult:
     vectors: torch.Tensor  # (k, width): the learned rows
     initial: torch.Tensor  # (k, width): where they started
-    embedding_key: str  # the host's key for this encoder ("clip_l", "clip_h")
+    layout: tuple[tuple[str, int], ...]  # (the host's key, width) per encoder: ("clip_l", 768), ...
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
 
-def word_rows(encoder: TextEncoder, clip, text: str) -> torch.Tensor:
+def word_rows(encoder: TextEncoders, clip, text: str) -> torch.Tensor:
     """Input rows (n, width) of a text's tokens; `embedding:NAME` entries give their vectors."""
     special = SpecialTokens(**host.special_tokens(clip))
     tokens = content_tokens(host.tokenize(clip, text), special)
@@ -82,7 +82,7 @@ def initial_rows(words: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class Prompts:
-    """Each template split around its `{}` into token ids, for `TextEncoder.chunk`."""
+    """Each template split around its `{}` into token ids, for `TextEncoders.chunk`."""
 
     def __init__(self, clip, templates: tuple[str, ...]):
         special = SpecialTokens(**host.special_tokens(clip))
@@ -95,12 +95,14 @@ class Prompts:
 
         self.parts = [(ids(t.split("{}")[0]), ids(t.split("{}")[1])) for t in templates]
 
-    def contexts(self, encoder: TextEncoder, rows: torch.Tensor, picks: list[int]) -> torch.Tensor:
-        chunks = []
+    def encode(self, encoder: TextEncoders, rows: torch.Tensor, picks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context, pooled) of the templates `picks` with `rows` in their `{}`."""
+        chunks, ends = [], []
         for i in picks:
             before, after = self.parts[i]
             chunks.append(encoder.chunk(before, rows, after)[0])
-        return encoder.context(torch.stack(chunks))
+            ends.append(1 + len(before) + len(rows) + len(after))
+        return encoder.encode(torch.stack(chunks), ends)
 
 
 def invert(patcher, clip, latents: torch.Tensor, init_text: str, config: InversionConfig, progress=None,
@@ -121,7 +123,7 @@ def invert(patcher, clip, latents: torch.Tensor, init_text: str, config: Inversi
     device = host.device()
     sampling = host.model_sampling(patcher)
     with torch.inference_mode(False):
-        encoder = TextEncoder(host.text_encoder_spec(clip))
+        encoder = TextEncoders(host.text_encoder_specs(clip))
         prompts = Prompts(clip, config.templates)
         initial = initial_rows(word_rows(encoder, clip, init_text), config.num_tokens).detach()
         rows = torch.nn.Parameter(initial.clone())
@@ -144,21 +146,21 @@ def invert(patcher, clip, latents: torch.Tensor, init_text: str, config: Inversi
                 if checkpoints is not None and checkpoints.due(step + 1, config.steps):
                     path = checkpoints.path_for(step + 1)
                     metadata = describe(init_text, replace(config, steps=step + 1), losses)
-                    save_embedding(Embedding(path.stem, rows.detach().clone(), encoder.spec.embedding_key, metadata), path)
+                    save_embedding(Embedding(path.stem, rows.detach().clone(), encoder.layout, metadata), path)
                     save_state(state_path(path), capture(step + 1, [rows], optimizer, generator, losses), settings)
                 if progress is not None:
                     progress.step()
         vectors = rows.detach().clone()
-    return InversionResult(vectors, initial, encoder.spec.embedding_key, losses, time.perf_counter() - started)
+    return InversionResult(vectors, initial, encoder.layout, losses, time.perf_counter() - started)
 
 
-def _step_loss(unet, encoder: TextEncoder, prompts: Prompts, rows: torch.Tensor, latents: torch.Tensor, sampling,
+def _step_loss(unet, encoder: TextEncoders, prompts: Prompts, rows: torch.Tensor, latents: torch.Tensor, sampling,
                generator: torch.Generator, config: InversionConfig, step: int, device: torch.device) -> torch.Tensor:
     """Noise-prediction MSE on a batch of the images, templates taken in turn."""
     picks = torch.randint(len(latents), (config.batch_size,), generator=generator)
     x, sigma, noise = noisy(sampling, latents[picks], generator)
     templates = [(step * config.batch_size + b) % len(prompts.parts) for b in range(config.batch_size)]
-    context = prompts.contexts(encoder, rows, templates)
-    denoised = unet(x.to(device), sigma.to(device), context.to(device))
+    context, pooled = prompts.encode(encoder, rows, templates)
+    denoised = unet(x.to(device), sigma.to(device), context.to(device), pooled.to(device))
     eps = (x.to(device) - denoised) / sigma.to(device).reshape(-1, 1, 1, 1)
     return (eps - noise.to(device)).pow(2).mean()

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from . import host
 from .inversion import InversionConfig, InversionResult, Prompts, invert
-from .text_encoder import TextEncoder
+from .text_encoder import TextEncoders
 from .tokens import SpecialTokens, concept_positions, content_tokens
 
 
@@ -66,11 +66,11 @@ def text_representation(clip, template: str, text: str) -> torch.Tensor:
     return host.encode(clip, prompt)[0, positions].mean(0)
 
 
-def recovered_representation(encoder: TextEncoder, prompts: Prompts, rows: torch.Tensor) -> torch.Tensor:
+def recovered_representation(encoder: TextEncoders, prompts: Prompts, rows: torch.Tensor) -> torch.Tensor:
     """Mean context over the learned rows' positions in the first template."""
     before, after = prompts.parts[0]
-    embeds, positions = encoder.chunk(before, rows, after)
-    return encoder.context(embeds[None])[0, positions].mean(0)
+    positions = encoder.chunk(before, rows, after)[1]
+    return prompts.encode(encoder, rows, [0])[0][0, positions].mean(0)
 
 
 def m_scores(models: list[tuple[str, object]], clip, latents: torch.Tensor, concept: str, config: InversionConfig,
@@ -83,7 +83,7 @@ def m_scores(models: list[tuple[str, object]], clip, latents: torch.Tensor, conc
     results: list[tuple[str, InversionResult]] = [(label, invert(model, clip, latents, init_text, config, progress))
                                                   for label, model in models]
     with torch.inference_mode(False), torch.no_grad():
-        encoder = TextEncoder(host.text_encoder_spec(clip))
+        encoder = TextEncoders(host.text_encoder_specs(clip))
         prompts = Prompts(clip, config.templates)
         scores = [float(F.cosine_similarity(recovered_representation(encoder, prompts, r.vectors), target.to(r.vectors), dim=0))
                   for _, r in results]
@@ -96,14 +96,14 @@ def m_scores(models: list[tuple[str, object]], clip, latents: torch.Tensor, conc
             for i, ((label, r), score) in enumerate(zip(results, scores))]
 
 
-def image_similarity(model, encoder: TextEncoder, prompts: Prompts, rows: torch.Tensor, latents: torch.Tensor,
+def image_similarity(model, encoder: TextEncoders, prompts: Prompts, rows: torch.Tensor, latents: torch.Tensor,
                      vision, vae, seed: int, count: int = 4) -> float:
     """Cosine between the mean CLIP-vision embeddings of images sampled from the recovered
     rows and of the anchor images (decoded from their latents)."""
     if vae is None:
         raise ValueError("the image-space M-Score needs the VAE to decode images: connect it")
-    context = prompts.contexts(encoder, rows, [0])
-    samples = host.sample(model, context, encoder.empty_context(), [seed + i for i in range(count)], tuple(latents.shape[1:]))
+    samples = host.sample(model, prompts.encode(encoder, rows, [0]), encoder.empty(), [seed + i for i in range(count)],
+                          tuple(latents.shape[1:]))
     generated = host.vision_embeds(vision, host.decode(vae, samples)).mean(0)
     anchors = host.vision_embeds(vision, host.decode(vae, host.process_latent_out(model, latents))).mean(0)
     return float(F.cosine_similarity(generated, anchors, dim=0))

@@ -54,7 +54,7 @@ class ConceptInversion:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The model the embedding is learned through (frozen)."}),
-                "clip": ("CLIP", {"tooltip": "Its text encoder (SD1.x or SD2.x)."}),
+                "clip": ("CLIP", {"tooltip": "Its text encoder (SD1.x, SD2.x or SDXL; SDXL embeddings hold rows for both encoders)."}),
                 "init_text": ("STRING", {"default": "Van Gogh", "tooltip": "The concept's words: the new tokens start from them."}),
                 "name": ("STRING", {"default": "my_concept", "tooltip": "File name in models/embeddings (.safetensors is added)."}),
                 **settings_inputs(),
@@ -95,7 +95,7 @@ class ConceptInversion:
         samples = input_latents(model, images, vae, latent)
         result = invert(model, clip, samples, init_text, config, progress=host.Progress(steps),
                         checkpoints=checkpoints(FOLDER, save_every, path.stem), resume=resume_path(FOLDER, resume_from))
-        embedding = Embedding(path.stem, result.vectors, result.embedding_key, describe(init_text, config, result.losses))
+        embedding = Embedding(path.stem, result.vectors, result.layout, describe(init_text, config, result.losses))
         save_embedding(embedding, path, overwrite=overwrite)
         word = f"embedding:{path.stem}"
         return {"ui": {"text": [f"saved {path.name}: use {word} in a prompt"]}, "result": (embedding, word, loss_plot(result.losses, "Concept Inversion"))}

@@ -34,7 +34,7 @@ class MScore:
         return {
             "required": {
                 "original": ("MODEL", {"tooltip": "The model before forgetting: the reference."}),
-                "clip": ("CLIP", {"tooltip": "The text encoder shared by the models (SD1.x or SD2.x)."}),
+                "clip": ("CLIP", {"tooltip": "The text encoder shared by the models (SD1.x, SD2.x or SDXL)."}),
                 "concept": ("STRING", {"default": "Van Gogh", "tooltip": "The concept's words: the recovered tokens are "
                                                                           "compared with them."}),
                 "init_text": ("STRING", {"default": "thing", "tooltip": INIT_TOOLTIP}),

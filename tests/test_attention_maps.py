@@ -72,7 +72,7 @@ def test_capture_memory_does_not_grow_with_steps(sd1):
 
 def test_words_are_found_weighted_as_embeddings_and_past_the_first_chunk(sd1):
     model, clip, folder = sd1
-    save_embedding(Embedding("mark", torch.randn(2, 768, generator=torch.Generator().manual_seed(0)), "clip_l"),
+    save_embedding(Embedding("mark", torch.randn(2, 768, generator=torch.Generator().manual_seed(0)), (("clip_l", 768),)),
                    folder / "mark.safetensors", overwrite=True)
     long_prompt = "a quiet village, " * 20 + "(a red fox:1.3) beside embedding:mark"
     words = find_words(clip, long_prompt, "fox, embedding:mark")

@@ -11,7 +11,7 @@ from fmn_pack.fmn_core.concepts import parse_concepts
 from fmn_pack.fmn_core.embedding import Embedding, save_embedding
 from fmn_pack.fmn_core.inversion import InversionConfig, Prompts, initial_rows, invert
 from fmn_pack.fmn_core.mscore import m_scores
-from fmn_pack.fmn_core.text_encoder import TextEncoder
+from fmn_pack.fmn_core.text_encoder import TextEncoders
 from fmn_pack.fmn_core.train import ForgetConfig, forget
 
 SMALL = InversionConfig(num_tokens=3, steps=12, learning_rate=5e-2, seed=7, batch_size=2)
@@ -35,15 +35,17 @@ def test_out_of_place_text_encoder_matches_the_host_and_has_gradients(layout, cl
     if clip_skip is not None:
         clip.clip_layer(clip_skip)
     with torch.inference_mode():  # as a node runs: the host's weights are inference tensors
-        encoder = TextEncoder(host.text_encoder_spec(clip))
+        encoder = TextEncoders(host.text_encoder_specs(clip))
         rows = torch.randn((3, encoder.width), generator=torch.Generator().manual_seed(0))
-        save_embedding(Embedding("probe", rows, encoder.spec.embedding_key), tmp_path / "probe.safetensors")
-        expected = clip.encode_from_tokens(clip.tokenize("a photo of embedding:probe on a hill"))
+        save_embedding(Embedding("probe", rows, encoder.layout), tmp_path / "probe.safetensors")
+        expected, expected_pooled = clip.encode_from_tokens(clip.tokenize("a photo of embedding:probe on a hill"),
+                                                            return_pooled=True)
     with torch.inference_mode(False):
         trainable = rows.clone().requires_grad_(True)
-        ours = Prompts(clip, ("a photo of {} on a hill",)).contexts(encoder, trainable, [0])
+        ours, pooled = Prompts(clip, ("a photo of {} on a hill",)).encode(encoder, trainable, [0])
         ours.square().sum().backward()
     torch.testing.assert_close(ours.detach(), expected.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pooled.detach(), expected_pooled.float(), rtol=1e-5, atol=1e-5)
     assert trainable.grad is not None and trainable.grad.abs().sum() > 0
 
 
@@ -54,20 +56,20 @@ def test_inversion_trains_only_the_new_rows_and_the_file_loads_as_an_embedding(s
     clip_before = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
     with torch.inference_mode():
         result = invert(model, clip, latents(), "van gogh", SMALL)
-    assert result.vectors.shape == (3, 768) and result.embedding_key == "clip_l"
+    assert result.vectors.shape == (3, 768) and result.layout == (("clip_l", 768),)
     assert not torch.equal(result.vectors, result.initial), "the new rows did not move"
     for before, module in ((unet_before, model.model), (clip_before, clip.cond_stage_model)):
         after = module.state_dict()
         changed = [k for k in before if not torch.equal(before[k], after[k])]
         assert not changed, f"inversion changed host weights: {changed[:3]}"
-    path = save_embedding(Embedding("vg", result.vectors, result.embedding_key), folder / "vg.safetensors")
+    path = save_embedding(Embedding("vg", result.vectors, result.layout), folder / "vg.safetensors")
     assert set(load_file(str(path))) == {"clip_l"}
     with torch.inference_mode():
         with_embedding = clip.encode_from_tokens(clip.tokenize("a photo of embedding:vg"))
         plain = clip.encode_from_tokens(clip.tokenize("a photo of"))
-        encoder = TextEncoder(host.text_encoder_spec(clip))
+        encoder = TextEncoders(host.text_encoder_specs(clip))
     assert (with_embedding - plain).abs().max() > 0.1, "embedding:vg did not change the conditioning"
-    ours = Prompts(clip, ("a photo of {}",)).contexts(encoder, result.vectors, [0])
+    ours = Prompts(clip, ("a photo of {}",)).encode(encoder, result.vectors, [0])[0]
     torch.testing.assert_close(ours, with_embedding.float(), rtol=1e-5, atol=1e-5)
 
 
@@ -80,7 +82,7 @@ def test_initial_rows_come_from_the_concept_words():
 def test_forget_train_targets_exactly_the_embedding_tokens(sd1):
     model, clip, folder = sd1
     rows = torch.randn((2, 768), generator=torch.Generator().manual_seed(3)) * 0.5
-    save_embedding(Embedding("target", rows, "clip_l"), folder / "target.safetensors", overwrite=True)
+    save_embedding(Embedding("target", rows, (("clip_l", 768),)), folder / "target.safetensors", overwrite=True)
     config = ForgetConfig(resolution=RESOLUTION, steps=35, learning_rate=1e-2, rank=2, output_weight=0.0)
     with torch.inference_mode():
         result = forget(model, clip, parse_concepts("embedding:target | style"), config)

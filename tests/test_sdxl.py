@@ -1,6 +1,6 @@
-"""SDXL: Forget Train on a small SDXL-layout model and the host's SDXL CLIP pair (CLIP-L +
-CLIP-G), both built from the host's own classes; patches across architectures; a DiT
-model refused by name."""
+"""SDXL: Forget Train, Concept Inversion and M-Score on a small SDXL-layout model and the
+host's SDXL CLIP pair (CLIP-L + CLIP-G), both built from the host's own classes; patches
+across architectures; a DiT model refused by name."""
 import pytest
 import torch
 
@@ -12,6 +12,9 @@ from attention_checks import concept_share_ratio, worst_word_change
 from fmn_pack.fmn_core import host
 from fmn_pack.fmn_core.attention import TokenShare, make_attn2_replace
 from fmn_pack.fmn_core.concepts import parse_concepts
+from fmn_pack.fmn_core.embedding import Embedding, save_embedding
+from fmn_pack.fmn_core.inversion import Prompts
+from fmn_pack.fmn_core.text_encoder import TextEncoders
 from fmn_pack.fmn_core.patch import ForgetPatch, apply_patch, load_patch, save_patch
 from fmn_pack.fmn_core.tokens import SpecialTokens, concept_positions, content_tokens
 from fmn_pack.fmn_core.train import ForgetConfig, forget
@@ -156,3 +159,57 @@ def test_an_sdxl_graph_runs_through_the_hosts_python_api(sdxl):
         conds = host.conditioning(clip, prompt), host.conditioning(clip, "")
         mass = [float(capture(m, *conds, words, settings)[1].sum()) for m in (model, patched)]
     assert mass[1] < 0.5 * mass[0], mass
+
+
+@pytest.mark.parametrize("clip_skip", [None, -3])
+def test_the_out_of_place_encoders_match_the_hosts_sdxl_pair_context_and_pooled(clip_skip, tmp_path):
+    """Concept Inversion's differentiable text path on SDXL: one learned row spans both
+    encoders (768 + 1280 columns), the file holds both keys, and the host's own encoding
+    of `embedding:probe` gives the same context and pooled embedding."""
+    from safetensors.torch import load_file
+    clip = hm.sdxl_clip(embedding_directory=str(tmp_path))
+    if clip_skip is not None:
+        clip.clip_layer(clip_skip)
+    with torch.inference_mode():
+        encoders = TextEncoders(host.text_encoder_specs(clip))
+        rows = torch.randn((3, encoders.width), generator=torch.Generator().manual_seed(0))
+        path = save_embedding(Embedding("probe", rows, encoders.layout), tmp_path / "probe.safetensors")
+        expected, expected_pooled = clip.encode_from_tokens(clip.tokenize("a photo of embedding:probe on a hill"),
+                                                            return_pooled=True)
+    assert encoders.layout == (("clip_l", 768), ("clip_g", 1280))
+    assert {k: tuple(v.shape) for k, v in load_file(str(path)).items()} == {"clip_l": (3, 768), "clip_g": (3, 1280)}
+    with torch.inference_mode(False):
+        trainable = rows.clone().requires_grad_(True)
+        context, pooled = Prompts(clip, ("a photo of {} on a hill",)).encode(encoders, trainable, [0])
+        (context.square().sum() + pooled.square().sum()).backward()
+    torch.testing.assert_close(context.detach(), expected.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pooled.detach(), expected_pooled.float(), rtol=1e-5, atol=1e-5)
+    assert trainable.grad[:, :768].abs().sum() > 0 and trainable.grad[:, 768:].abs().sum() > 0
+
+
+def test_concept_inversion_and_m_score_nodes_run_on_sdxl(sdxl, result, embeddings_folder):
+    """The nodes as the executor runs them: the embedding saved for both encoders is read
+    back by the host's tokenizer as the rows the inversion learned; M-Score scores the
+    original and the patched SDXL model."""
+    from safetensors.torch import load_file
+    from fmn_pack.nodes import NODE_CLASS_MAPPINGS as NODES
+    model, _ = sdxl
+    clip = hm.sdxl_clip(embedding_directory=str(embeddings_folder))
+    latent = {"samples": torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(2))}
+    settings = ("van gogh", "thing", 2, 6, 5e-2, 0)
+    with torch.inference_mode():
+        out = NODES["FMN_ConceptInversion"]().invert(model, clip, "van gogh", "vg_xl", 2, 6, 5e-2, 0, latent=latent)
+        embedding = out["result"][0]
+        from_file = clip.encode_from_tokens(clip.tokenize("a photo of embedding:vg_xl"), return_pooled=True)
+        patched = host.apply_lora(model, result.lora, 1.0)
+        scored = NODES["FMN_MScore"]().score(model, clip, *settings, patched=patched, latent=latent)["result"]
+    tensors = load_file(str(embeddings_folder / "vg_xl.safetensors"))
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == {"clip_l": (2, 768), "clip_g": (2, 1280)}
+    assert torch.equal(torch.cat([tensors["clip_l"], tensors["clip_g"]], 1), embedding.vectors)
+    encoders = TextEncoders(host.text_encoder_specs(clip))
+    ours = Prompts(clip, ("a photo of {}",)).encode(encoders, embedding.vectors, [0])
+    torch.testing.assert_close(ours[0], from_file[0].float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[1], from_file[1].float(), rtol=1e-5, atol=1e-5)
+    original_score, patched_score, drop, report = scored
+    assert -1 <= patched_score <= 1 and -1 <= original_score <= 1 and patched_score != original_score
+    assert drop == pytest.approx(original_score - patched_score, abs=1e-6) and "| patched |" in report
