@@ -10,7 +10,7 @@ import torch
 
 from ..fmn_core import host
 from ..fmn_core.inversion import InversionConfig, Prompts, invert
-from ..fmn_core.text_encoder import TextEncoder
+from ..fmn_core.text_encoder import TextEncoders
 from . import oracle as O, world
 
 TEMPLATES = {"identity": "a portrait of {}", "object": "a {}", "style": "an object in the style of {}"}
@@ -19,7 +19,7 @@ GENERIC_INIT = {"identity": "person", "object": "object", "style": "style"}
 # M-Score settings on the toy (the node's defaults are for full-size models). Every
 # inversion starts from "thing", a word the toy never saw in training: its row is as
 # neutral as a rare token in a real model. The toy's own generic words are no neutral
-# start: "object" draws a white block on grey, so close to the white shapes that
+# start: "object" draws a white half disc on grey, so close to the white shapes that
 # inversions of ring, cross or star settle beside it whatever the model holds.
 M_SCORE = {"num_tokens": 4, "steps": 60, "learning_rate": 1e-2}
 M_SCORE_INIT = "thing"
@@ -50,7 +50,7 @@ def recovery_rate(mp, clip, vae, oracle_net, concept: str, seeds: list[int], **s
 
 def sample_rate(mp, clip, vae, oracle_net, concept: str, rows: torch.Tensor, seeds: list[int]) -> float:
     """Oracle detection of `concept` in samples of its template with `rows` in the {} slot."""
-    encoder = TextEncoder(host.text_encoder_spec(clip))
-    context = Prompts(clip, (TEMPLATES[category(concept)],)).contexts(encoder, rows, [0])
-    latents = host.sample(mp, context, encoder.empty_context(), seeds, (4, world.SIZE // 8, world.SIZE // 8))
+    encoder = TextEncoders(host.text_encoder_specs(clip))
+    positive = Prompts(clip, (TEMPLATES[category(concept)],)).encode(encoder, rows, [0])
+    latents = host.sample(mp, positive, encoder.empty(), seeds, (4, world.SIZE // 8, world.SIZE // 8))
     return float(O.detects(oracle_net.predict(host.decode(vae, latents)), concept).float().mean())

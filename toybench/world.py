@@ -13,7 +13,7 @@ concept), "a {object} in the style of {style}". Every image carries labels for t
 heads of the oracle: identity, object and style, where index 0 means "none".
 
 Generic scenes name no concept: "a portrait of a person" (a plain face), "an object" (a
-rounded block, in no concept's shape), "an object in the style of {style}" and "... in the
+half disc, in no concept's shape), "an object in the style of {style}" and "... in the
 style of" with no style (drawn plain). They give the model what a real one has,
 "someone", "something" and "no style in particular", so that a forgotten concept can
 fall back to them (the pack's default anchors) instead of to one of its neighbours.
@@ -136,11 +136,14 @@ def _line(x, y, x0, y0, x1, y1, w):
 
 
 def _object_mask(kind: int, x, y, cx, cy, s):
-    """Mask of object `kind` (1..4; 0: the generic rounded block) centred at (cx, cy), scale s (~1)."""
+    """Mask of object `kind` (1..4; 0: the generic half disc) centred at (cx, cy), scale s (~1).
+
+    The generic shape is a half disc, flat side up: far from every concept at the 4x4
+    latent grid. (It was a rounded block until run 7; blurred by the VAE, the block was
+    seen as a star in a third of round trips, so a forgotten star fell back to a star.)"""
     r = 10.0 * s
     if kind == 0:
-        return (np.maximum(np.abs(x - cx) - r * 0.35, 0) ** 2 + np.maximum(np.abs(y - cy) - r * 0.35, 0) ** 2
-                <= (r * 0.45) ** 2).astype(np.float32)
+        return _circle(x, y, cx, cy - r * 0.3, r) * (y >= cy - r * 0.3)
     if kind == 1:  # ring
         d = np.hypot(x - cx, y - cy)
         return ((d <= r) & (d >= r * 0.55)).astype(np.float32)
@@ -219,7 +222,7 @@ def _draw_person(img, x, y, rng):
 
 
 def _draw_object(img, kind, style, x, y, rng):
-    """Object `kind` (0 = the generic block) in `style` (0 = plain)."""
+    """Object `kind` (0 = the generic half disc) in `style` (0 = plain)."""
     cx, cy = SIZE / 2 + rng.uniform(-2, 2), SIZE / 2 + rng.uniform(-2, 2)
     mask = _object_mask(kind, x, y, cx, cy, rng.uniform(0.9, 1.15))
     if style == 0:  # plain
