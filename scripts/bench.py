@@ -495,7 +495,7 @@ def bench_patch_bytes(pack, cfg: dict, trained: list) -> dict:
     from fmn_pack.fmn_core import host
     from fmn_pack.fmn_core.concepts import parse_concepts
     from fmn_pack.fmn_core.patch import ForgetPatch, compatibility_problems, load_patch, save_patch
-    from fmn_pack.fmn_core.train import MODES, ForgetConfig, build_deltas, build_examples, concept_basis, copy_rank, describe
+    from fmn_pack.fmn_core.train import MODES, ForgetConfig, build_deltas, build_examples, concept_basis, copy_rank, describe, preserved
     from fmn_pack.fmn_core.lora import export_kohya
 
     defaults = ForgetConfig()
@@ -511,7 +511,7 @@ def bench_patch_bytes(pack, cfg: dict, trained: list) -> dict:
     examples = build_examples(clip, [concept], defaults.include_end_token)
     default_directions = defaults.rank + copy_rank(defaults.rank)
     ranks = tuple(sorted({1, 2, 4, default_directions}))  # directions per concept (the patch's rank)
-    basis_max = concept_basis(clip, examples, 1, max(ranks))
+    basis_max = concept_basis(examples, preserved(clip, examples), 1, max(ranks))
     g = torch.Generator().manual_seed(0)
 
     per_rank = {}

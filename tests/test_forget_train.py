@@ -147,3 +147,31 @@ def test_the_nsfw_preset_forgets_its_words_towards_clothed_figures(sd1):
     assert max(ratios.values()) <= 0.5, ratios
     aimed_change, naive_change = worst_word_change(model, patched, clip), worst_word_change(model, naive, clip)
     assert aimed_change < naive_change / 2, (aimed_change, naive_change)
+
+
+def test_the_warm_start_edits_the_concepts_keys_towards_the_anchor_and_spares_other_prompts(sd1):
+    """The closed-form start alone (before any re-steering step): on every to_k/to_v
+    layer the concept's rows read much closer to their anchor targets, ordinary prompts'
+    rows barely move."""
+    from fmn_pack.fmn_core.concepts import preserve_prompts
+    from fmn_pack.fmn_core.train import MODES, build_deltas, build_examples, concept_basis, preserved, warm_start
+    model, clip = sd1
+    with torch.inference_mode():
+        examples = build_examples(clip, parse_concepts(f"{CONCEPT} | style"), False)
+        ordinary = host.encode_many(clip, preserve_prompts()[:6]).reshape(-1, 768).double()
+    with torch.inference_mode(False):
+        preserve = preserved(clip, examples)
+        basis = concept_basis(examples, preserve, 1, 2)
+        deltas = build_deltas(model, host.attn2_layers(model), MODES["aimed k/v"], basis.shape[1], basis,
+                              torch.Generator().manual_seed(0))
+        warm_start(model, deltas, examples, preserve)
+    rows = torch.cat([e.edit_rows for e in examples]).double()
+    targets = torch.cat([e.edit_targets for e in examples]).double()
+    state = model.model.state_dict()
+    for key, delta in deltas.items():
+        weight, change = state[key].double(), delta.delta().detach().double()
+        before = ((targets - rows) @ weight.T).norm()
+        after = ((targets - rows) @ weight.T - rows @ change.T).norm()
+        moved = (ordinary @ change.T).norm() / (ordinary @ weight.T).norm()
+        assert after < 0.7 * before, f"{key}: the concept's rows moved only {1 - after / before:.2f} of the way"
+        assert moved < 0.05, f"{key}: ordinary prompts' rows moved {moved:.3f}"
