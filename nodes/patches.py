@@ -7,6 +7,7 @@ import os
 import folder_paths
 
 from ..fmn_core.files import inside, safe_filename
+from ..fmn_core.merge import merge_patches
 from ..fmn_core.patch import STRENGTH_RANGE, apply_patch, load_patch, save_patch, with_cover
 
 FOLDER = "forget_patches"
@@ -93,3 +94,36 @@ class SaveForgetPatch:
         path = inside(folder, safe_filename(filename, ".safetensors"))
         save_patch(patch if cover is None else with_cover(patch, cover), path, overwrite=overwrite)
         return {"ui": {"text": [path.name]}}
+
+
+MERGE_SLOTS = 8
+
+
+class MergeForgetPatches:
+    CATEGORY = "Forget-Me-Not"
+    DESCRIPTION = ("Fuses several forget patches into one file. Not a plain sum: each layer's update is fitted by least "
+                   "squares so that every patch keeps its effect on its own concept's words and ordinary prompts stay "
+                   "as they were; patches that share directions share rank, so the file grows less than their sum.")
+    RETURN_TYPES = ("FORGET_PATCH",)
+    OUTPUT_TOOLTIPS = ("The fused patch: apply it, or save it with Save Forget Patch.",)
+    FUNCTION = "merge"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        slot = ("FORGET_PATCH", {"tooltip": "A patch to fuse (from Forget Train or Load Forget Patch)."})
+        return {
+            "required": {
+                "clip": ("CLIP", {"tooltip": "The text encoder of the model the patches were trained on: it encodes "
+                                             "each patch's concepts, which the fusion keeps apart."}),
+                "patch_1": slot,
+                "patch_2": slot,
+                "preserve_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1,
+                                              "tooltip": "How strongly ordinary prompts are held as they were, "
+                                                         "against reproducing each patch exactly on its concept."}),
+            },
+            "optional": {f"patch_{i}": slot for i in range(3, MERGE_SLOTS + 1)},
+        }
+
+    def merge(self, clip, patch_1, patch_2, preserve_weight, **more):
+        patches = [patch_1, patch_2] + [more[f"patch_{i}"] for i in range(3, MERGE_SLOTS + 1) if more.get(f"patch_{i}")]
+        return (merge_patches(clip, patches, preserve_weight),)
