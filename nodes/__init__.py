@@ -6,7 +6,8 @@ from .attention_maps import AttentionMapViewer
 from .forget_train import ForgetTrain
 from .inversion import ConceptInversion
 from .mscore import MScore
-from .patches import ApplyForgetPatch, LoadForgetPatch, SaveForgetPatch, register_folder
+from .patches import ApplyForgetPatch, LoadForgetPatch, MergeForgetPatches, SaveForgetPatch, register_folder
+from .recovery import RecoveryAttack
 from .toybench import LoadToyBench
 
 NODES = (
@@ -14,10 +15,12 @@ NODES = (
     ("FMN_ApplyForgetPatch", ApplyForgetPatch, "Apply Forget Patch"),
     ("FMN_LoadForgetPatch", LoadForgetPatch, "Load Forget Patch"),
     ("FMN_SaveForgetPatch", SaveForgetPatch, "Save Forget Patch"),
+    ("FMN_MergeForgetPatches", MergeForgetPatches, "Merge Forget Patches"),
     ("FMN_LoadToyBench", LoadToyBench, "Load ToyBench"),
     ("FMN_ConceptInversion", ConceptInversion, "Concept Inversion"),
     ("FMN_MScore", MScore, "M-Score"),
     ("FMN_AttentionMapViewer", AttentionMapViewer, "Attention Map Viewer"),
+    ("FMN_RecoveryAttack", RecoveryAttack, "Recovery Attack"),
 )
 
 register_folder()

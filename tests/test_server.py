@@ -35,11 +35,14 @@ NODE_CONTRACT = {
         {"images": "IMAGE", "vae": "VAE", "latent": "LATENT", "mode": "COMBO", "include_end_token": "BOOLEAN",
          "batch_size": "INT", "resolution": "INT", "output_weight": "FLOAT", "keep": "STRING",
          "save_every": "INT", "checkpoint_name": "STRING", "resume_from": "COMBO", "precision": "COMBO",
-         "gradient_checkpointing": "BOOLEAN"},
+         "gradient_checkpointing": "BOOLEAN", "warm_start": "BOOLEAN"},
         ["MODEL", "FORGET_PATCH", "IMAGE"], False),
     "FMN_ApplyForgetPatch": ({"model": "MODEL", "patch": "FORGET_PATCH", "strength": "FLOAT"}, {}, ["MODEL"], False),
     "FMN_LoadForgetPatch": ({"patch_name": "COMBO"}, {}, ["FORGET_PATCH"], False),
     "FMN_SaveForgetPatch": ({"patch": "FORGET_PATCH", "filename": "STRING", "overwrite": "BOOLEAN"}, {"cover": "IMAGE"}, [], True),
+    "FMN_MergeForgetPatches": (
+        {"clip": "CLIP", "patch_1": "FORGET_PATCH", "patch_2": "FORGET_PATCH", "preserve_weight": "FLOAT"},
+        {f"patch_{i}": "FORGET_PATCH" for i in range(3, 9)}, ["FORGET_PATCH"], False),
     "FMN_ConceptInversion": (
         {"model": "MODEL", "clip": "CLIP", "init_text": "STRING", "name": "STRING", "num_tokens": "INT", "steps": "INT",
          "learning_rate": "FLOAT", "seed": "INT"},
@@ -52,6 +55,11 @@ NODE_CONTRACT = {
         {"patched": "MODEL", "patched_2": "MODEL", "patched_3": "MODEL", "images": "IMAGE", "vae": "VAE",
          "latent": "LATENT", "templates": "STRING", "clip_vision": "CLIP_VISION"},
         ["FLOAT", "FLOAT", "FLOAT", "STRING"], True),
+    "FMN_RecoveryAttack": (
+        {"original": "MODEL", "patched": "MODEL", "clip": "CLIP", "concept": "STRING", "init_text": "STRING",
+         "num_tokens": "INT", "steps": "INT", "learning_rate": "FLOAT", "seed": "INT", "samples": "INT"},
+        {"images": "IMAGE", "vae": "VAE", "latent": "LATENT", "templates": "STRING"},
+        ["FLOAT", "LATENT", "STRING"], True),
     "FMN_AttentionMapViewer": (
         {"model": "MODEL", "clip": "CLIP", "vae": "VAE", "prompt": "STRING", "words": "STRING", "seed": "INT", "steps": "INT",
          "cfg": "FLOAT", "sampler_name": "COMBO", "scheduler": "COMBO", "width": "INT", "height": "INT"},

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -223,3 +224,50 @@ def test_a_keep_list_holds_the_original_output_on_kept_prompts(toy):
             patched = host.apply_lora(mp, forget(mp, clip, parse_concepts("star | object"), config, latents).lora, 1.0)
             drift[keep] = output_drift(mp, patched, clip, kept_prompts)
     assert drift[("neon", "zebra")] < 0.8 * drift[()], drift
+
+
+def test_the_recovery_judge_agrees_with_the_oracle(toy, oracle_net):
+    """The Recovery Attack's judge (the original model as a diffusion classifier, the
+    concept's prompt against the anchor's) on the toy's own samples of each prompt: it must
+    call them as the oracle does."""
+    from fmn_pack.fmn_core import host
+    from fmn_pack.fmn_core.recovery import shows_concept
+    mp, clip, vae = toy
+    seeds = list(range(7000, 7008))
+    agree, total = 0, 0
+    with torch.inference_mode():
+        for concept, prompt, anchor in (("Captain Zorb", "a portrait of Captain Zorb", "a portrait of a person"),
+                                        ("star", "a star", "an object")):
+            for drawn in (prompt, anchor):
+                latents = host.sample(mp, host.encode_pooled(clip, drawn), host.encode_pooled(clip, ""), seeds, (4, 4, 4))
+                judged = shows_concept(mp, clip, host.process_latent_in(mp, latents), prompt, anchor)
+                seen = oracle.detects(oracle_net.predict(host.decode(vae, latents)), concept)
+                agree += int((judged == seen.bool()).sum())
+                total += len(seeds)
+    assert agree / total >= 0.9, f"the judge agreed with the oracle on {agree} of {total} samples"
+
+
+def test_the_recovery_attack_node_measures_what_the_oracle_sees(toy, oracle_net):
+    """Captain Zorb forgotten with the defaults, then attacked through the node: its
+    judge's rate for the recovered tokens' samples matches the oracle's on the same
+    samples, and its references hold (the original model's samples of his prompt show him,
+    the patched model's do not). How often the attack succeeds is the benchmark's figure
+    (`make bench-quality`, recovery attack), not this test's."""
+    from fmn_pack.fmn_core import host
+    from fmn_pack.fmn_core.concepts import parse_concepts
+    from fmn_pack.fmn_core.train import ForgetConfig, forget
+    from fmn_pack.toybench import probes
+    mp, clip, vae = toy
+    with torch.inference_mode():
+        latents = probes.concept_latents(mp, vae, "Captain Zorb")
+        result = forget(mp, clip, parse_concepts("Captain Zorb | identity"), ForgetConfig(resolution=32), {0: latents})
+        patched = host.apply_lora(mp, result.lora, 1.0)
+        out = NODE_CLASS_MAPPINGS["FMN_RecoveryAttack"]().attack(
+            mp, patched, clip, "Captain Zorb | identity", "person", 4, 150, 1e-2, 0, 16,
+            latent={"samples": host.process_latent_out(mp, latents)}, templates="a portrait of {}")
+        rate, samples, report = out["result"]
+        seen = float(oracle.detects(oracle_net.predict(host.decode(vae, samples["samples"])), "Captain Zorb").float().mean())
+    rates = {name: float(re.search(rf"\| the concept's prompt, {name} model \| ([0-9.]+) \|", report).group(1))
+             for name in ("patched", "original")}
+    assert abs(rate - seen) <= 0.15, (rate, seen, report)
+    assert rates["original"] >= 0.75 and rates["patched"] <= 0.25, report
