@@ -71,6 +71,7 @@ REDIRECT_RECIPE = {"output_weight": 100.0, "steps": 400, "learning_rate": 0.05}
 KEEP_REST = "rest"  # a recipe's keep list: the world's concepts that the run does not forget
 RECIPES = {
     "pack defaults": {},
+    "re-steering alone": {"warm_start": False},  # the defaults before the closed-form warm start
     "reference": {"mode": "reference", "output_weight": 0.0, "learning_rate": 2e-4, "steps": 100},
     "pack defaults + keep": {"keep": KEEP_REST},
 }
@@ -122,6 +123,55 @@ def one_run(toy, lines: list[str], recipe: dict, seed: int, images_of: list[str]
     with tempfile.TemporaryDirectory() as tmp:
         size = fmn_patch.save_patch(patch, Path(tmp) / "patch.safetensors").stat().st_size
     return {"result": result, "patched": fmn_patch.apply_patch(mp, patch, 1.0), "seconds": seconds, "bytes": size}
+
+
+FUSED = "pack defaults, fused singles"  # the recipe name of a run merged from its concepts' single patches
+
+
+def fused_results(toy, oracle_net, trained: dict, all_runs: dict, base: dict, seeds) -> list[dict]:
+    """Every multi-concept run again as one patch merged (FMN_MergeForgetPatches) from its
+    concepts' single-concept pack-defaults patches, where all of those were trained; its
+    seconds per concept count the single runs' training and the merge."""
+    from fmn_pack.fmn_core import patch as fmn_patch
+    from fmn_pack.fmn_core.merge import merge_patches
+    mp, clip, _ = toy
+    out = []
+    for run_name, lines in all_runs.items():
+        singles = [trained.get((line.split("|")[0].strip(), "pack defaults")) for line in lines]
+        if len(lines) < 2 or None in singles:
+            continue
+        started = time.perf_counter()
+        fused = merge_patches(clip, [fmn_patch.ForgetPatch(s["result"].lora, s["result"].metadata) for s in singles])
+        seconds = time.perf_counter() - started + sum(s["seconds"] for s in singles)
+        with tempfile.TemporaryDirectory() as tmp:
+            size = fmn_patch.save_patch(fused, Path(tmp) / "fused.safetensors").stat().st_size
+        forgotten = fused.concepts
+        after = rates(fmn_patch.apply_patch(mp, fused, 1.0), toy, oracle_net, seeds)
+        entry = {"run": run_name, "recipe": FUSED, "settings": {"merged": forgotten, "rank": fused.metadata["fmn.rank"]},
+                 "concepts": forgotten, "seconds_per_concept": round(seconds / len(forgotten), 2), "patch_bytes": size,
+                 **score(base, after, forgotten), "after": {k: round(v, 3) for k, v in after.items()}}
+        out.append(entry)
+        print(f"{run_name:22s} {FUSED} erased {entry['erased_before']:.2f}->{entry['erased_after']:.2f} "
+              f"kept {entry['kept']:.3f} H {entry['H']:.3f} ({size:,} B, rank {fused.metadata['fmn.rank']})", flush=True)
+    return out
+
+
+def recovery_attack(toy, oracle_net, trained: dict, seeds: list[int]) -> dict[str, dict[str, float]]:
+    """FMN_RecoveryAttack's measurement for every single-concept patch of each recipe: the
+    concept's images inverted from a generic word through the patched model, and the
+    oracle's detection rate in samples of its template with the recovered tokens."""
+    import torch
+    from fmn_pack.toybench import probes, world
+    _, clip, vae = toy
+    out: dict[str, dict[str, float]] = {}
+    with torch.inference_mode():
+        for (run_name, recipe), run in trained.items():
+            if run_name not in world.CONCEPTS:
+                continue
+            rate, _ = probes.recovery_rate(run["patched"], clip, vae, oracle_net, run_name, seeds, **probes.RECOVERY)
+            out.setdefault(run_name, {})[recipe] = round(rate, 3)
+            print(f"recovery attack {run_name:14s} {recipe:14s} {rate:.2f}", flush=True)
+    return out
 
 
 def rates(toy_model, toy, oracle_net, seeds: tuple[list[int], list[int]]) -> dict:
@@ -190,7 +240,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     base = rates(toy[0], toy, oracle_net, seeds)
     print(f"base detection ({time.perf_counter() - t0:.0f}s): {json.dumps({k: round(v, 3) for k, v in base.items()})}", flush=True)
-    results, patched_models = [], {}
+    results, trained = [], {}
     for run_name in chosen:
         lines = all_runs[run_name]
         forgotten = [c.text for c in parse_concepts("\n".join(lines))]
@@ -204,8 +254,7 @@ def main(argv=None) -> None:
                      "loss_first_last": [round(out["result"].losses[0], 4), round(out["result"].losses[-1], 4)],
                      **score(base, after, forgotten), "after": {k: round(v, 3) for k, v in after.items()}}
             results.append(entry)
-            if recipe_name == "pack defaults":
-                patched_models[run_name] = out["patched"]
+            trained[run_name, recipe_name] = out
             print(f"{run_name:22s} {recipe_name:14s} erased {entry['erased_before']:.2f}->{entry['erased_after']:.2f} "
                   f"kept {entry['kept']:.3f} H {entry['H']:.3f} ({entry['seconds_per_concept']:.1f} s/concept, "
                   f"{entry['patch_bytes']:,} B, worst kept: {entry['worst_kept']})", flush=True)
@@ -214,8 +263,11 @@ def main(argv=None) -> None:
               "recipes": recipes, "base": {k: round(v, 4) for k, v in base.items()}, "results": results}
     if args.merge:
         return merge_results(Path(args.out), report, all_runs)
+    results += fused_results(toy, oracle_net, trained, all_runs, base, seeds)
     if not args.no_inversion:
+        patched_models = {run: out["patched"] for (run, recipe), out in trained.items() if recipe == "pack defaults"}
         report["inversion"] = inversion_report(toy, oracle_net, patched_models, all_runs, seeds[0])
+        report["recovery_attack"] = recovery_attack(toy, oracle_net, trained, seeds[0])
     report["anchor_floor"] = anchor_floor(toy, oracle_net, seeds[0])
     report["redirect"] = redirect_report(toy, oracle_net, seeds, args.seed, report["base"])
     write_report(report, Path(args.out), table=not args.runs and not args.only_recipes)
@@ -373,6 +425,14 @@ def markdown(report: dict) -> str:
                      f"{three[concept]:.3f}" if concept in three else "-"]
             rows.append(f"| {concept} | {rec['detection_initial']:.2f} -> {rec['detection_learned']:.2f} | "
                         f"{before[concept]:.3f} | " + " | ".join(cells) + " |")
+    attack = report.get("recovery_attack")
+    if attack:
+        recipes = list(next(iter(attack.values())))
+        original = (inv or {}).get("recovery", {})
+        rows += ["", "| recovery attack: inversion through the patched model (detection of the recovered tokens' images) | "
+                 "original model | " + " | ".join(recipes) + " |", "|---|---|" + "---|" * len(recipes)]
+        rows += [f"| {concept} | " + (f"{original[concept]['detection_learned']:.2f}" if concept in original else "-") + " | "
+                 + " | ".join(f"{by_recipe[r]:.2f}" for r in recipes) + " |" for concept, by_recipe in attack.items()]
     redirects = report.get("redirect")
     if redirects:
         rows += ["", "| redirect (the replacement's images; output weight 100, 400 steps, lr 0.05) | replacement seen | "
