@@ -32,8 +32,13 @@ concept>` and the other concept's images, the pack's defaults otherwise; the sha
 forgotten concept's prompts (all of them, held-out seeds) in which the oracle sees the
 replacement, and in which it still sees the concept.
 
-Writes bench/quality.json and bench/QUALITY.md (the README's table). About an hour on 2
-CPU cores (67 min for the last full run, on a shared machine). `--runs` picks runs by name,
+Fused: every multi-concept run again as one patch merged (Merge Forget Patches) from its
+concepts' single-concept patches. Recovery attack: every single-concept patch of each
+recipe attacked by inversion from the generic word through the patched model, the oracle
+judging the recovered tokens' samples.
+
+Writes bench/quality.json and bench/QUALITY.md (the README's table). About an hour and a
+half on 2 CPU cores (95 min for the last full run, on a shared machine). `--runs` picks runs by name,
 `--recipe NAME=JSON` adds or overrides a recipe (ForgetConfig fields), to compare settings
 quickly.
 """
