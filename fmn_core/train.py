@@ -225,7 +225,10 @@ def warm_start(patcher, deltas: dict[str, LowRankDelta], examples: list[Example]
     (W x + dW x = W t) while holding the preserved contexts P:
     min |dW X^T - W (T - X)^T|^2 + preserve_weight * N |dW|_P^2, so
     dW = W (T - X)^T X (X^T X + preserve_weight * N * M_P)^-1. Its projection on the aimed
-    basis B (down = B^T) sets up = dW B / scale; re-steering then refines it."""
+    basis B (down = B^T) sets up = dW B / scale; re-steering then refines it.
+
+    Called with `patcher` loaded: its weights are then the model's own (with any patches
+    stacked on it), never another clone's that the host had merged into the shared tensors."""
     rows = torch.cat([e.edit_rows for e in examples if e.edit_rows is not None]).double()
     targets = torch.cat([e.edit_targets for e in examples if e.edit_targets is not None]).double()
     system = rows.T @ rows + preserve_weight * len(rows) * preserve.matrix()
@@ -332,8 +335,6 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
 
     with torch.inference_mode(False):
         deltas = build_deltas(patcher, layers, mode, rank, basis, generator)
-        if config.warm_start and mode.aimed and state is None:
-            warm_start(patcher, deltas, examples, preserve)
         params = [p for d in deltas.values() for p in d.parameters() if p.requires_grad]
         for d in deltas.values():
             d.to(device)
@@ -345,6 +346,8 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
         blocks = host.unet_blocks(clone) if config.gradient_checkpointing else []
         start, losses = resumed(state, params, optimizer, generator, progress)
         with host.trainable_unet(clone, deltas) as unet, checkpointed(blocks, sink.recomputing):
+            if config.warm_start and mode.aimed and state is None:
+                warm_start(clone, deltas, examples, preserve)
             for step in range(start, config.steps):
                 batch = [_draw(examples, source, sampling, generator, step * config.batch_size + b) for b in range(config.batch_size)]
                 with precision.autocast():

@@ -14,7 +14,7 @@ CONCEPT = "van gogh"
 
 # The attention-level checks run at the paper's budget with its loss alone: they check where
 # an update acts (the aim), not how far it goes; ToyBench measures the pack's defaults.
-PAPER_BUDGET = {"steps": 35, "learning_rate": 1e-2, "rank": 2, "output_weight": 0.0}
+PAPER_BUDGET = {"steps": 35, "learning_rate": 1e-2, "rank": 2, "output_weight": 0.0, "warm_start": False}
 
 
 def train(model, clip, mode="aimed k/v", **overrides):
