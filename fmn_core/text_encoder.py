@@ -69,24 +69,21 @@ class TextEncoder:
         w = self.w
         return F.layer_norm(x, x.shape[-1:], w["text_model.final_layer_norm.weight"], w["text_model.final_layer_norm.bias"])
 
-    def encode(self, embeds: torch.Tensor, ends: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode(self, embeds: torch.Tensor, ends: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Conditioning (N, length, width) from input embeddings (N, length, width): what
-        the UNet's cross-attention reads; and, given each row's end-token position, the
-        pooled embedding (N, width): the last layer's normed end token (projected where
-        the host projects it), whatever layer the context comes from."""
+        the UNet's cross-attention reads; and the pooled embedding (N, width) at each row's
+        end-token position: the last layer's normed end token (projected where the host
+        projects it), whatever layer the context comes from."""
         n = embeds.shape[1]
         x = embeds + self.positions[:n]
         mask = torch.full((n, n), -torch.finfo(x.dtype).max, dtype=x.dtype, device=x.device).triu_(1)
         out_layer = self.spec.output_layer
         last = self.spec.layers - 1 if out_layer is None else out_layer % self.spec.layers
-        pooling = ends is not None
         context = None
-        for i in range(self.spec.layers if pooling else last + 1):
+        for i in range(self.spec.layers):
             x = self._layer(i, x, mask)
             if i == last:
                 context = self._final_norm(x) if out_layer is None or self.spec.norm_hidden else x
-        if not pooling:
-            return context, None
         pooled = self._final_norm(x)[torch.arange(len(x), device=x.device), torch.tensor(ends, device=x.device)]
         return context, pooled if self.spec.projection is None else F.linear(pooled, self.spec.projection.to(pooled))
 
