@@ -36,6 +36,13 @@ class SecondMoment:
         return self.total / max(self.count, 1)
 
 
+def ridged(matrix: torch.Tensor, ridge: float) -> torch.Tensor:
+    """`matrix` plus `ridge` times its mean diagonal on the diagonal: a regulariser that
+    keeps a second moment invertible when its rows do not span every direction."""
+    dim = len(matrix)
+    return matrix + ridge * matrix.trace() / dim * torch.eye(dim, dtype=matrix.dtype)
+
+
 def concept_directions(concept: torch.Tensor, preserve: SecondMoment, count: int, ridge: float = 1e-3) -> torch.Tensor:
     """Orthonormal (dim, count) basis that the concept uses and ordinary prompts avoid.
 
@@ -50,8 +57,7 @@ def concept_directions(concept: torch.Tensor, preserve: SecondMoment, count: int
     if not 1 <= count <= dim:
         raise ValueError(f"direction count must be in 1..{dim}, got {count}")
     c = concept.double()
-    cov_p = preserve.matrix()
-    cov_p = cov_p + ridge * cov_p.trace() / dim * torch.eye(dim, dtype=cov_p.dtype)
+    cov_p = ridged(preserve.matrix(), ridge)
     cov_c = c.T @ c / c.shape[0]
     chol = torch.linalg.cholesky(cov_p)
     whitened = torch.linalg.solve_triangular(chol, torch.linalg.solve_triangular(chol, cov_c, upper=False).T, upper=False)

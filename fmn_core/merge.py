@@ -106,8 +106,7 @@ def merge_patches(clip, patches: list[ForgetPatch], preserve_weight: float = 1.0
     for _, own in moments:
         preserve = preserve.merged(own)
     concept = [m.matrix() for m, _ in moments]
-    system = sum(concept) + preserve_weight * preserve.matrix()
-    system = system + ridge * system.trace() / len(system) * torch.eye(len(system), dtype=system.dtype)
+    system = aim.ridged(sum(concept) + preserve_weight * preserve.matrix(), ridge)
     modules = sorted({m for p in patches for m in p.modules()})
     fused = {}
     for module in modules:

@@ -231,9 +231,7 @@ def warm_start(patcher, deltas: dict[str, LowRankDelta], examples: list[Example]
     stacked on it), never another clone's that the host had merged into the shared tensors."""
     rows = torch.cat([e.edit_rows for e in examples if e.edit_rows is not None]).double()
     targets = torch.cat([e.edit_targets for e in examples if e.edit_targets is not None]).double()
-    system = rows.T @ rows + preserve_weight * len(rows) * preserve.matrix()
-    dim = len(system)
-    system = system + 1e-3 * system.trace() / dim * torch.eye(dim, dtype=system.dtype)
+    system = aim.ridged(rows.T @ rows + preserve_weight * len(rows) * preserve.matrix(), 1e-3)
     edit = torch.linalg.solve(system, ((targets - rows).T @ rows).T).T  # (T - X)^T X system^-1
     state = patcher.model.state_dict()
     for key, delta in deltas.items():
