@@ -164,10 +164,11 @@ def test_the_warm_start_edits_the_concepts_keys_towards_the_anchor_and_spares_ot
         basis = concept_basis(examples, preserve, 1, 2)
         deltas = build_deltas(model, host.attn2_layers(model), MODES["aimed k/v"], basis.shape[1], basis,
                               torch.Generator().manual_seed(0))
-        warm_start(model, deltas, examples, preserve)
+        with host.trainable_unet(model, {}):  # as Forget Train does: the model's own weights loaded
+            warm_start(model, deltas, examples, preserve)
+            state = {k: v.detach().clone() for k, v in model.model.state_dict().items() if k in deltas}
     rows = torch.cat([e.edit_rows for e in examples]).double()
     targets = torch.cat([e.edit_targets for e in examples]).double()
-    state = model.model.state_dict()
     for key, delta in deltas.items():
         weight, change = state[key].double(), delta.delta().detach().double()
         before = ((targets - rows) @ weight.T).norm()

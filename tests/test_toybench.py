@@ -193,29 +193,30 @@ def test_m_score_image_space_score_through_a_host_clip_vision_model(toy, tmp_pat
 
 
 def output_drift(original, patched, clip, prompts: list[str], seed: int = 4) -> float:
-    """Mean squared difference of the two models' denoised outputs on the prompts, at
-    fixed noisy latents and noise levels."""
+    """Mean squared difference of the two models' denoised outputs on the prompts, each at
+    the same fixed noisy latents and three noise levels."""
     from fmn_pack.fmn_core import host
-    g = torch.Generator().manual_seed(seed)
-    contexts = [host.encode(clip, p) for p in prompts]
-    x = torch.randn((len(prompts), 4, 4, 4), generator=g)
-    sigma = torch.tensor([1.0, 3.0, 8.0])[torch.arange(len(prompts)) % 3]
+    x = torch.randn((3, 4, 4, 4), generator=torch.Generator().manual_seed(seed))
+    sigmas = (1.0, 3.0, 8.0)
     outputs = []
     for model in (original, patched):
         forward = host.loaded_forward(model)
-        outputs.append(torch.cat([forward(x[i:i + 1] * sigma[i], sigma[i:i + 1], c) for i, c in enumerate(contexts)]))
+        contexts = [host.encode(clip, p) for p in prompts]
+        outputs.append(torch.stack([forward(x[i:i + 1] * s, torch.tensor([s]), c) for c in contexts for i, s in enumerate(sigmas)]))
     return float((outputs[0] - outputs[1]).pow(2).mean())
 
 
 def test_a_keep_list_holds_the_original_output_on_kept_prompts(toy):
     """Forget Train's preservation term: forgetting star with neon and zebra kept moves the
-    model's output on their prompts, alone and with star, less than forgetting it alone."""
+    model's output on prompts of those styles (without star, which must change) less than
+    forgetting it alone. Measured: 0.0068 against 0.0129."""
     from fmn_pack.fmn_core import host
     from fmn_pack.fmn_core.concepts import parse_concepts
     from fmn_pack.fmn_core.train import ForgetConfig, forget
     from fmn_pack.toybench import probes
     mp, clip, vae = toy
-    kept_prompts = ["an object in the style of neon", "a moon in the style of zebra", "a star in the style of neon"]
+    kept_prompts = ["an object in the style of neon", "a moon in the style of zebra", "a ring in the style of neon",
+                    "a cross in the style of zebra", "a portrait of Captain Zorb in the style of neon"]
     drift = {}
     with torch.inference_mode():
         latents = {0: probes.concept_latents(mp, vae, "star")}
@@ -223,7 +224,7 @@ def test_a_keep_list_holds_the_original_output_on_kept_prompts(toy):
             config = ForgetConfig(resolution=32, steps=40, keep=keep)
             patched = host.apply_lora(mp, forget(mp, clip, parse_concepts("star | object"), config, latents).lora, 1.0)
             drift[keep] = output_drift(mp, patched, clip, kept_prompts)
-    assert drift[("neon", "zebra")] < 0.8 * drift[()], drift
+    assert drift[("neon", "zebra")] < 0.7 * drift[()], drift
 
 
 def test_the_recovery_judge_agrees_with_the_oracle(toy, oracle_net):
