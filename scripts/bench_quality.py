@@ -1,6 +1,6 @@
 """`make bench-quality`: how well forgetting works, measured on ToyBench.
 
-For each run (one concept, three concepts, a whole category) and each recipe (the pack's
+For each run (one concept, three concepts, a whole category, all but two) and each recipe (the pack's
 defaults and the paper's reference recipe), train a patch on the shipped toy model,
 sample every prompt of the world on held-out seeds through the host's sampler, and let
 the oracle say what the images show:
@@ -80,6 +80,9 @@ RECIPES = {
     "reference": {"mode": "reference", "output_weight": 0.0, "learning_rate": 2e-4, "steps": 100},
     "pack defaults + keep": {"keep": KEEP_REST},
 }
+# "all but two": ten concepts forgotten in one run, one identity and one style kept, each
+# with neighbours of its own category forgotten beside it.
+ALL_BUT = ("Madame Plink", "neon")
 MULTI_CONCEPT_ONLY = {"pack defaults + keep"}  # a keep list is for runs that forget several concepts
 
 
@@ -89,6 +92,7 @@ def runs(world) -> dict[str, list[str]]:
     out["three concepts"] = ["Captain Zorb | identity", "star | object", "neon | style"]
     for cat, names in world.CATEGORIES.items():
         out[f"category: {cat}"] = [f"{c} | {cat}" for c in names]
+    out["all but two"] = [f"{c} | {cat}" for cat, names in world.CATEGORIES.items() for c in names if c not in ALL_BUT]
     return out
 
 
