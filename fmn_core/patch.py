@@ -131,6 +131,12 @@ def metadata_problems(metadata: dict[str, str]) -> list[str]:
     return problems
 
 
+def rank_fits(rank: int, declared: int, shape) -> bool:
+    """A layer carries the declared rank, or fewer when its own matrix holds fewer (a merged
+    patch refactors each layer's sum at most at min(out, in))."""
+    return rank == declared or declared > rank == min(shape)
+
+
 def compatibility_problems(patch: ForgetPatch, patcher) -> list[str]:
     """What does not match between the patch and the model it is applied to."""
     problems = structure_problems(patch)
@@ -152,7 +158,7 @@ def compatibility_problems(patch: ForgetPatch, patcher) -> list[str]:
         want = shapes[target]
         if (up.shape[0], down.shape[1]) != tuple(want[:2]):
             problems.append(f"{module}: patch delta {up.shape[0]}x{down.shape[1]} vs model weight {want[0]}x{want[1]}")
-        if declared not in (None, FULL_RANK) and str(up.shape[1]) != declared:
+        if declared not in (None, FULL_RANK) and not rank_fits(up.shape[1], int(declared), want[:2]):
             problems.append(f"{module}: rank {up.shape[1]} vs the patch's declared rank {declared}")
     return problems
 

@@ -25,8 +25,9 @@ KEEP_TOOLTIP = (
 )
 WARM_START_TOOLTIP = ("Start from a closed-form edit of the keys and values (as UCE computes it from text alone: the "
                       "concept's tokens read as the anchor's) inside the aimed directions, then re-steer attention "
-                      "as usual. On ToyBench it lifted the hardest concept (star) from H 0.86 to 0.91. Aimed modes "
-                      "only; the other modes ignore it.")
+                      "as usual. On ToyBench it lifted the hardest concept (star) from H 0.86 to 0.91. It runs for up "
+                      "to 3 concepts at once, or any number with a keep list (beyond that it moved the neighbours "
+                      "more than it helped). Aimed modes only; the other modes ignore it.")
 MODE_TOOLTIP = "Which weights train. " + "; ".join(f"'{name}': {mode.description}" for name, mode in MODES.items()) + "."
 
 

@@ -176,3 +176,13 @@ def test_the_warm_start_edits_the_concepts_keys_towards_the_anchor_and_spares_ot
         moved = (ordinary @ change.T).norm() / (ordinary @ weight.T).norm()
         assert after < 0.7 * before, f"{key}: the concept's rows moved only {1 - after / before:.2f} of the way"
         assert moved < 0.05, f"{key}: ordinary prompts' rows moved {moved:.3f}"
+
+
+def test_the_warm_start_runs_for_a_few_concepts_or_with_a_keep_list():
+    """Beyond WARM_START_MAX_CONCEPTS concepts with no keep list the closed-form edit is
+    skipped (it moved the neighbours more than it helped), and the patch says so."""
+    from fmn_pack.fmn_core.train import WARM_START_MAX_CONCEPTS
+    config, few, many = ForgetConfig(), WARM_START_MAX_CONCEPTS, WARM_START_MAX_CONCEPTS + 1
+    assert config.warm_starts(few) and not config.warm_starts(many)
+    assert ForgetConfig(keep=("zebra",)).warm_starts(many)
+    assert not ForgetConfig(warm_start=False).warm_starts(1) and not ForgetConfig(mode="k/v").warm_starts(1)

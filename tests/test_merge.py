@@ -94,3 +94,11 @@ def test_patches_for_different_models_or_too_few_are_refused_before_any_work(sd1
         merge_patches(clip, [singles[0]])
     with pytest.raises(ValueError, match="preserve_weight"):
         merge_patches(clip, singles, preserve_weight=-1.0)
+
+
+def test_a_layer_smaller_than_the_merged_rank_carries_its_own_full_rank():
+    """Ten merged ToyBench patches declared rank 58 while a 32-wide to_k holds at most 32:
+    such a layer fits; any other shortfall or excess is still a damaged file."""
+    from fmn_pack.fmn_core.patch import rank_fits
+    assert rank_fits(58, 58, (32, 64)) and rank_fits(32, 58, (32, 64)) and rank_fits(4, 4, (320, 768))
+    assert not rank_fits(31, 58, (32, 64)) and not rank_fits(3, 4, (320, 768)) and not rank_fits(5, 4, (320, 768))
