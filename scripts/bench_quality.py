@@ -38,7 +38,7 @@ recipe attacked by inversion from the generic word through the patched model, th
 judging the recovered tokens' samples.
 
 Writes bench/quality.json and bench/QUALITY.md (the README's table). About an hour and a
-half on 2 CPU cores (95 min for the last full run, on a shared machine). `--runs` picks runs by name,
+half on 2 CPU cores (95 min for the last full run, on a shared machine, before the all-but-two run was added). `--runs` picks runs by name,
 `--recipe NAME=JSON` adds or overrides a recipe (ForgetConfig fields), to compare settings
 quickly.
 """
@@ -304,7 +304,7 @@ def merge_results(out: Path, new: dict, all_runs: dict) -> None:
     fresh = {(r["run"], r["recipe"]) for r in new["results"]}
     results = [r for r in report["results"] if (r["run"], r["recipe"]) not in fresh] + new["results"]
     order = list(all_runs)
-    recipe_order = list(RECIPES) + [n for n in new["recipes"] if n not in RECIPES]
+    recipe_order = list(RECIPES) + [n for n in new["recipes"] if n not in RECIPES] + [FUSED]
     results.sort(key=lambda r: (order.index(r["run"]), recipe_order.index(r["recipe"])))
     report.update(results=results, recipes={**report["recipes"], **new["recipes"]},
                   merged=sorted({*report.get("merged", []), new["measured"]}))
