@@ -27,7 +27,7 @@ import torch
 from . import aim, host
 from .concepts import ANCHORS, TEMPLATES, Concept, keep_prompts
 from .patch import ForgetPatch, model_card, structure_problems
-from .train import build_examples, preserve_moment
+from .train import anchor_moment, build_examples, preserve_moment
 
 TEXT_PROJECTIONS = ("attn2_to_k", "attn2_to_v")
 # A custom template is not stored in the patch; its concept is fitted in these instead.
@@ -64,11 +64,9 @@ def _moments(clip, patch: ForgetPatch) -> tuple[aim.SecondMoment, aim.SecondMome
     """(second moment of the concepts' rows, of their prompts' anchors and kept concepts)."""
     keep = tuple(json.loads(patch.metadata.get("fmn.keep", "[]")))
     examples = build_examples(clip, concepts_of(patch), False)
-    dim = examples[0].context.shape[-1]
-    concept, own = aim.SecondMoment(dim), aim.SecondMoment(dim)
+    concept, own = aim.SecondMoment(examples[0].context.shape[-1]), anchor_moment(examples)
     for e in examples:
         concept.add(torch.cat([e.context[0][e.mask > 0], e.copies]))
-        own.add(e.anchor[0])
     for prompt in keep_prompts(keep):
         own.add(host.encode(clip, prompt)[0])
     return concept, own

@@ -61,12 +61,16 @@ def denoising_errors(patcher, latents: torch.Tensor, positive: tuple[torch.Tenso
     return errors / (JUDGE_NOISE_DRAWS * len(JUDGE_TIMESTEPS))
 
 
+def judge(original, latents: torch.Tensor, concept: tuple[torch.Tensor, torch.Tensor | None],
+          anchor: tuple[torch.Tensor, torch.Tensor | None], seed: int) -> torch.Tensor:
+    """Per latent (model space): does the original model denoise it better under the
+    concept's (context, pooled) than under the anchor's? (bool (N,))"""
+    return denoising_errors(original, latents, concept, seed) < denoising_errors(original, latents, anchor, seed)
+
+
 def shows_concept(original, clip, latents: torch.Tensor, prompt: str, anchor_prompt: str, seed: int = 0) -> torch.Tensor:
-    """Per latent (model space): does the original model find `prompt` explains it better
-    than `anchor_prompt`? (bool (N,))"""
-    concept = denoising_errors(original, latents, host.encode_pooled(clip, prompt), seed)
-    anchor = denoising_errors(original, latents, host.encode_pooled(clip, anchor_prompt), seed)
-    return concept < anchor
+    """`judge` with the two prompts as text."""
+    return judge(original, latents, host.encode_pooled(clip, prompt), host.encode_pooled(clip, anchor_prompt), seed)
 
 
 def attack(original, patched, clip, latents: torch.Tensor, concept: str, anchor: str, config: InversionConfig,
@@ -84,12 +88,13 @@ def attack(original, patched, clip, latents: torch.Tensor, concept: str, anchor:
         encoders = TextEncoders(host.text_encoder_specs(clip))
         recovered = Prompts(clip, (template,)).encode(encoders, inversion.vectors, [0])
         empty = encoders.empty()
+    concept_cond, anchor_cond = host.encode_pooled(clip, prompt), host.encode_pooled(clip, anchor_prompt)
     samples = host.sample(patched, recovered, empty, seeds, shape)
-    plain = {name: host.sample(model, host.encode_pooled(clip, prompt), empty, seeds, shape)
+    plain = {name: host.sample(model, concept_cond, empty, seeds, shape)
              for name, model in (("patched", patched), ("original", original))}
 
     def rate(found: torch.Tensor) -> float:
-        judged = shows_concept(original, clip, host.process_latent_in(original, found), prompt, anchor_prompt, config.seed)
+        judged = judge(original, host.process_latent_in(original, found), concept_cond, anchor_cond, config.seed)
         return float(judged.float().mean())
 
     return AttackResult(rate(samples), rate(plain["patched"]), rate(plain["original"]), samples, inversion.vectors,

@@ -201,13 +201,18 @@ def preserve_moment(clip) -> aim.SecondMoment:
     return per_encoder[key]
 
 
-def preserved(clip, examples: list[Example]) -> aim.SecondMoment:
-    """The contexts an update must leave alone: the preserve prompts and the training
-    prompts' anchor versions."""
+def anchor_moment(examples: list[Example]) -> aim.SecondMoment:
+    """Second moment of the examples' anchor contexts (a kept prompt is its own anchor)."""
     own = aim.SecondMoment(examples[0].context.shape[-1])
     for e in examples:
         own.add(e.anchor[0])
-    return preserve_moment(clip).merged(own)
+    return own
+
+
+def preserved(clip, examples: list[Example]) -> aim.SecondMoment:
+    """The contexts an update must leave alone: the preserve prompts and the training
+    prompts' anchor versions."""
+    return preserve_moment(clip).merged(anchor_moment(examples))
 
 
 def concept_basis(examples: list[Example], preserve: aim.SecondMoment, n_concepts: int, rank: int) -> torch.Tensor:
