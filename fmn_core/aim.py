@@ -35,6 +35,21 @@ class SecondMoment:
     def matrix(self) -> torch.Tensor:
         return self.total / max(self.count, 1)
 
+    def without(self, rows: torch.Tensor) -> "SecondMoment":
+        """This moment with `rows` (added before) taken out again."""
+        r = rows.double()
+        out = SecondMoment(self.total.shape[0])
+        out.total, out.count = self.total - r.T @ r, self.count - r.shape[0]
+        return out
+
+
+def blended(first: SecondMoment, second: SecondMoment, weight: float) -> SecondMoment:
+    """A moment whose matrix is `first`'s plus `weight` times `second`'s: each set weighs as
+    a whole, however many rows it holds (a few prompts beside thousands would not count)."""
+    out = SecondMoment(first.total.shape[0])
+    out.total, out.count = first.matrix() + weight * second.matrix(), 1
+    return out
+
 
 def ridged(matrix: torch.Tensor, ridge: float) -> torch.Tensor:
     """`matrix` plus `ridge` times its mean diagonal on the diagonal: a regulariser that

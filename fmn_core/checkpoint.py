@@ -85,7 +85,7 @@ def capture(step: int, params: list[torch.Tensor], optimizer: torch.optim.Optimi
         params=[p.detach().clone() for p in params],
         exp_avg=[s.get("exp_avg", z).detach().clone() for s, z in zip(states, zeros)],
         exp_avg_sq=[s.get("exp_avg_sq", z).detach().clone() for s, z in zip(states, zeros)],
-        adam_steps=[torch.as_tensor(s.get("step", 0.0), dtype=torch.float32).detach().clone().reshape(()) for s in states],
+        adam_steps=[torch.as_tensor(s.get("step", 0.0), dtype=torch.float32).detach().clone() for s in states],
         generator=generator.get_state().clone(),
         losses=list(losses),
     )
@@ -100,7 +100,7 @@ def restore(state: TrainingState, params: list[torch.Tensor], optimizer: torch.o
         for p, saved in zip(params, state.params):
             p.copy_(saved.to(p.device, p.dtype))
     for p, avg, avg_sq, step in zip(params, state.exp_avg, state.exp_avg_sq, state.adam_steps):
-        if float(step) > 0:
+        if bool((step > 0).any()):  # a scalar (AdamW) or one count per column (ColumnAdamW)
             optimizer.state[p] = {"step": step.clone(), "exp_avg": avg.to(p.device, p.dtype).clone(),
                                   "exp_avg_sq": avg_sq.to(p.device, p.dtype).clone()}
     generator.set_state(state.generator)
@@ -160,7 +160,7 @@ def load_state(path: Path, settings: dict) -> TrainingState:
             params=[tensors[f"param.{i}"] for i in range(count)],
             exp_avg=[tensors[f"exp_avg.{i}"] for i in range(count)],
             exp_avg_sq=[tensors[f"exp_avg_sq.{i}"] for i in range(count)],
-            adam_steps=[tensors[f"adam_step.{i}"].reshape(()) for i in range(count)],
+            adam_steps=[tensors[f"adam_step.{i}"] for i in range(count)],
             generator=tensors["generator"].to(torch.uint8),
             losses=[float(x) for x in json.loads(metadata["fmn.losses"])],
         )

@@ -545,7 +545,7 @@ def bench_patch_bytes(pack, cfg: dict, trained: list) -> dict:
     examples = build_examples(clip, [concept], defaults.include_end_token)
     default_directions = defaults.rank + copy_rank(defaults.rank)
     ranks = tuple(sorted({1, 2, 4, default_directions}))  # directions per concept (the patch's rank)
-    basis_max = concept_basis(examples, preserved(clip, examples), 1, max(ranks))
+    basis_max, _ = concept_basis(examples, preserved(clip, examples), 1, max(ranks))
     g = torch.Generator().manual_seed(0)
 
     per_rank = {}

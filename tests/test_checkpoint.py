@@ -129,3 +129,14 @@ def test_an_inversion_resumed_from_its_checkpoint_ends_where_the_uninterrupted_o
     assert resumed.losses == whole.losses and torch.equal(resumed.vectors, whole.vectors)
     with pytest.raises(ValueError, match="init_text"):
         invert(toy[0], toy[1], latents, "person", config, resume=state_path(tmp_path / "run_step2.safetensors"))
+
+
+def test_a_several_concept_run_resumes_exactly_too(toy, tmp_path):
+    """Several concepts train with ColumnAdamW, whose step counts are one per column."""
+    both = parse_concepts("star | object\nneon | style")
+    whole = forget(toy[0], toy[1], both, CONFIG)
+    with pytest.raises(Cancelled):
+        forget(toy[0], toy[1], both, CONFIG, progress=CancelAfter(3), checkpoints=every(2, tmp_path))
+    resumed = forget(toy[0], toy[1], both, CONFIG, resume=state_path(tmp_path / "run_step2.safetensors"))
+    assert resumed.losses == whole.losses
+    assert all(torch.equal(resumed.lora[k], whole.lora[k]) for k in whole.lora)

@@ -161,7 +161,7 @@ def test_the_warm_start_edits_the_concepts_keys_towards_the_anchor_and_spares_ot
         ordinary = host.encode_many(clip, preserve_prompts()[:6]).reshape(-1, 768).double()
     with torch.inference_mode(False):
         preserve = preserved(clip, examples)
-        basis = concept_basis(examples, preserve, 1, 2)
+        basis, _ = concept_basis(examples, preserve, 1, 2)
         deltas = build_deltas(model, host.attn2_layers(model), MODES["aimed k/v"], basis.shape[1], basis,
                               torch.Generator().manual_seed(0))
         with host.trainable_unet(model, {}):  # as Forget Train does: the model's own weights loaded
