@@ -52,7 +52,7 @@ class ForgetTrain:
                 "clip": ("CLIP", {"tooltip": "The text encoder of that model: it locates the concept's tokens."}),
                 "concepts": ("STRING", {"multiline": True, "default": "Van Gogh | style", "tooltip": CONCEPTS_TOOLTIP}),
                 "steps": ("INT", {"default": DEFAULTS.steps, "min": 1, "max": 10000,
-                                  "tooltip": "Training steps. More steps forget more strongly; the paper uses 35."}),
+                                  "tooltip": "Training steps, taken by the concepts in turn: raise them with the concept count. More steps forget more strongly; the paper uses 35 for one concept."}),
                 "learning_rate": ("FLOAT", {"default": DEFAULTS.learning_rate, "min": 1e-6, "max": 0.5, "step": 1e-4,
                                             "round": False, "tooltip": "AdamW learning rate of the patch. Higher forgets faster but disturbs more."}),
                 "rank": ("INT", {"default": DEFAULTS.rank, "min": 1, "max": 64,
