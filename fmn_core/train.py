@@ -31,9 +31,9 @@ from .attention import ColumnEnergy, make_attn2_replace
 from .checkpoint import Checkpoints, TrainingState, capture, resumed, save_state, settings_of, starting_state, state_path
 from .concepts import Concept, keep_prompts, preserve_prompts, with_kept
 from .latents import input_latents, noisy
+from .lora import FULL_RANK, LowRankDelta, disabled, export_kohya
 from .memory import Precision, check_precision, checkpointed
 from .optim import ColumnAdamW
-from .lora import FULL_RANK, LowRankDelta, disabled, export_kohya
 from .patch import ForgetPatch, model_card, save_patch
 from .tokens import SpecialTokens, anchor_alignment, column_mask, concept_positions, content_tokens
 

@@ -112,3 +112,19 @@ def test_more_directions_than_the_context_holds_is_refused_before_training():
 class _NeverCalled:
     def step(self) -> None:
         raise AssertionError("training started")
+
+
+def test_a_state_saved_by_plain_adamw_resumes_with_one_count_per_column():
+    reference, mine = _pair()
+    adamw = torch.optim.AdamW([reference], lr=0.1)
+    reference.grad = torch.randn(5, 6)
+    adamw.step()
+    column = ColumnAdamW([mine], lr=0.1)
+    column.state[mine] = {k: v.clone() for k, v in adamw.state[reference].items()}
+    mine.data.copy_(reference.detach())
+    grad = torch.randn(5, 6)
+    reference.grad, mine.grad = grad.clone(), grad.clone()
+    adamw.step()
+    column.step()
+    assert column.state[mine]["step"].tolist() == [2.0] * 6
+    assert (reference - mine).abs().max() < 1e-5
