@@ -48,9 +48,10 @@ class ColumnAdamW(torch.optim.Optimizer):
             state["step"] = torch.zeros(p.shape[-1], dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
-        # A restored state arrives on the CPU, and one saved by plain AdamW (an earlier
-        # version's several-concept run) has one count for all columns.
-        state["step"] = state["step"].to(p.device).expand(p.shape[-1]).clone()
+        if state["step"].shape != (p.shape[-1],) or state["step"].device != p.device:
+            # A restored state arrives on the CPU, and one saved by plain AdamW (an earlier
+            # version's several-concept run) has one count for all columns.
+            state["step"] = state["step"].to(p.device).expand(p.shape[-1]).clone()
         on = torch.ones(p.shape[-1], dtype=torch.bool, device=p.device) if self.active is None else self.active.to(p.device)
         grad, avg, avg_sq = p.grad, state["exp_avg"], state["exp_avg_sq"]
         state["step"] += on

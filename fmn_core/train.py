@@ -224,14 +224,16 @@ def concept_basis(examples: list[Example], preserve: aim.SecondMoment, n_concept
     rows (OTHER_CONCEPTS_FROM). Returns the orthonormal basis (dim, columns) and
     each column's concept (columns,): the basis keeps the blocks in concept order."""
     own = [_concept_rows(examples, c) for c in range(n_concepts)]
-    everyone = aim.SecondMoment(preserve.total.shape[0])
-    for rows in own:
-        everyone.add(torch.cat(rows))
+    everyone = None  # all concepts' rows, for runs large enough to avoid each other
+    if n_concepts >= OTHER_CONCEPTS_FROM:
+        everyone = aim.SecondMoment(preserve.total.shape[0])
+        for rows in own:
+            everyone.add(torch.cat(rows))
     bases, owners = [], []
     for c, (rows, copies) in enumerate(own):
         held = preserve
-        if n_concepts >= OTHER_CONCEPTS_FROM:
-            held = aim.blended(preserve, everyone.without(torch.cat(own[c])), OTHER_CONCEPTS_WEIGHT)
+        if everyone is not None:
+            held = aim.blended(preserve, everyone.without(torch.cat([rows, copies])), OTHER_CONCEPTS_WEIGHT)
         bases.append(aim.concept_directions(rows, held, min(rank, rows.shape[0])))
         if copy_rank(rank) and copies.shape[0]:
             bases.append(aim.concept_directions(copies, held, min(copy_rank(rank), copies.shape[0])))
