@@ -32,6 +32,10 @@ concept>` and the other concept's images, the pack's defaults otherwise; the sha
 forgotten concept's prompts (all of them, held-out seeds) in which the oracle sees the
 replacement, and in which it still sees the concept.
 
+Precise erasure (`--precise-erasure`): each run's forgotten concepts on their own prompts
+again, 48 seeds per prompt (SEEDS_PRECISE), so that a single concept's erasure is read to
+about 0.02 rather than 0.05; H is recomputed with it and the same kept figure.
+
 Fused: every multi-concept run again as one patch merged (Merge Forget Patches) from its
 concepts' single-concept patches. Recovery attack: every single-concept patch of each
 recipe attacked by inversion from the generic word through the patched model, the oracle
@@ -61,6 +65,11 @@ from bench import bootstrap  # noqa: E402
 OUT = REPO / "bench"
 SEEDS_IDENTITY = tuple(range(9000, 9016))  # 16 per portrait prompt
 SEEDS_SCENE = tuple(range(9000, 9006))     # 6 per object prompt (5 prompts per object, 4 per style)
+# `--precise-erasure`: the forgotten concepts' own prompts again on 48 seeds each. At 36
+# samples an object's erasure moves by 0.05 (one standard error at a 0.1 residual) with no
+# change to the patch: moon's pack-defaults patch read 0.11 on the seeds above and 0.03 on
+# these, star's 0.14 and 0.12.
+SEEDS_PRECISE = tuple(range(9100, 9148))
 IMAGES_PER_CONCEPT = 8
 # Redirects (concept, its category, the anchor that replaces it, the concept the oracle
 # should then see): one per category.
@@ -103,11 +112,26 @@ def score(base: dict, after: dict, forgotten: list[str]) -> dict:
     kept_before = sum(base[c] for c in kept_names) / len(kept_names)
     kept_after = sum(after[c] for c in kept_names) / len(kept_names)
     kept = kept_after / kept_before
-    a, b = 1 - erased_after, min(1.0, kept)  # sampling noise can put kept above 1
-    h = 2 * a * b / (a + b) if a + b > 0 else 0.0
     return {"erased_before": round(erased_before, 4), "erased_after": round(erased_after, 4),
             "kept_before": round(kept_before, 4), "kept_after": round(kept_after, 4), "kept": round(kept, 4),
-            "H": round(h, 4), "worst_kept": min(kept_names, key=lambda c: after[c] - base[c])}
+            "H": round(harmonic(erased_after, kept), 4), "worst_kept": min(kept_names, key=lambda c: after[c] - base[c])}
+
+
+def harmonic(erased_after: float, kept: float) -> float:
+    """H: the harmonic mean of (1 - erased after) and kept, capped at 1 (sampling noise can put kept above 1)."""
+    a, b = 1 - erased_after, min(1.0, kept)
+    return 2 * a * b / (a + b) if a + b > 0 else 0.0
+
+
+def precise_erasure(toy_model, toy, oracle_net, forgotten: list[str]) -> float:
+    """Mean detection of the forgotten concepts on their own prompts, SEEDS_PRECISE each."""
+    import torch
+    from fmn_pack.toybench import train as toy_train, world
+    _, clip, vae = toy
+    scenes = list({s.prompt: s for c in forgotten for s in world.scenes_for(c)}.values())
+    with torch.inference_mode():
+        found = toy_train.detection_rates(toy_model, clip, vae, oracle_net, SEEDS_PRECISE, SEEDS_PRECISE, scenes=scenes)
+    return sum(found[c] for c in forgotten) / len(forgotten)
 
 
 def one_run(toy, lines: list[str], recipe: dict, seed: int, images_of: list[str] | None = None) -> dict:
@@ -183,6 +207,18 @@ def recovery_attack(toy, oracle_net, trained: dict, seeds: list[int]) -> dict[st
     return out
 
 
+def precise_entry(toy, oracle_net, forgotten: list[str], patched, kept: float, base_cache: dict) -> dict:
+    """`--precise-erasure`'s figures for one run; the original model's are measured once per run."""
+    key = tuple(forgotten)
+    if key not in base_cache:
+        base_cache[key] = precise_erasure(toy[0], toy, oracle_net, forgotten)
+    after = precise_erasure(patched, toy, oracle_net, forgotten)
+    print(f"    precise erasure ({len(SEEDS_PRECISE)} seeds): {base_cache[key]:.3f} -> {after:.3f}, "
+          f"H {harmonic(after, kept):.3f}", flush=True)
+    return {"seeds": [SEEDS_PRECISE[0], SEEDS_PRECISE[-1]], "erased_before": round(base_cache[key], 4),
+            "erased_after": round(after, 4), "H": round(harmonic(after, kept), 4)}
+
+
 def rates(toy_model, toy, oracle_net, seeds: tuple[list[int], list[int]]) -> dict:
     """Detection per concept; seeds = (per portrait prompt, per object prompt)."""
     import torch
@@ -204,6 +240,9 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(OUT / "quality.json"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="half the evaluation seeds (for comparing settings)")
+    ap.add_argument("--precise-erasure", action="store_true",
+                    help="also measure each run's erasure on SEEDS_PRECISE (48 seeds per prompt of the forgotten "
+                         "concepts); about 20 s more per single-concept run")
     ap.add_argument("--weights", default=None, help="a ToyBench weights folder other than the shipped one")
     ap.add_argument("--no-inversion", action="store_true", help="skip the Concept Inversion and M-Score measurements")
     ap.add_argument("--only-inversion", action="store_true",
@@ -249,7 +288,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     base = rates(toy[0], toy, oracle_net, seeds)
     print(f"base detection ({time.perf_counter() - t0:.0f}s): {json.dumps({k: round(v, 3) for k, v in base.items()})}", flush=True)
-    results, trained = [], {}
+    results, trained, precise_base = [], {}, {}
     for run_name in chosen:
         lines = all_runs[run_name]
         forgotten = [c.text for c in parse_concepts("\n".join(lines))]
@@ -262,6 +301,8 @@ def main(argv=None) -> None:
                      "seconds_per_concept": round(out["seconds"] / len(forgotten), 2), "patch_bytes": out["bytes"],
                      "loss_first_last": [round(out["result"].losses[0], 4), round(out["result"].losses[-1], 4)],
                      **score(base, after, forgotten), "after": {k: round(v, 3) for k, v in after.items()}}
+            if args.precise_erasure:
+                entry["precise"] = precise_entry(toy, oracle_net, forgotten, out["patched"], entry["kept"], precise_base)
             results.append(entry)
             trained[run_name, recipe_name] = out
             print(f"{run_name:22s} {recipe_name:14s} erased {entry['erased_before']:.2f}->{entry['erased_after']:.2f} "
@@ -304,9 +345,10 @@ def merge_results(out: Path, new: dict, all_runs: dict) -> None:
     fresh = {(r["run"], r["recipe"]) for r in new["results"]}
     results = [r for r in report["results"] if (r["run"], r["recipe"]) not in fresh] + new["results"]
     order = list(all_runs)
-    recipe_order = list(RECIPES) + [n for n in new["recipes"] if n not in RECIPES] + [FUSED]
+    recipes = {**report["recipes"], **new["recipes"]}  # a recipe of an earlier merge keeps its place too
+    recipe_order = list(RECIPES) + [n for n in recipes if n not in RECIPES] + [FUSED]
     results.sort(key=lambda r: (order.index(r["run"]), recipe_order.index(r["recipe"])))
-    report.update(results=results, recipes={**report["recipes"], **new["recipes"]},
+    report.update(results=results, recipes=recipes,
                   merged=sorted({*report.get("merged", []), new["measured"]}))
     rewrite_report(report, out)
     print(f"merged {len(new['results'])} results into {out}")
@@ -419,6 +461,13 @@ def markdown(report: dict) -> str:
     for r in report["results"]:
         rows.append(f"| {r['run']} | {r['recipe']} | {r['erased_before']:.2f} -> {r['erased_after']:.2f} | "
                     f"{r['kept']:.3f} | **{r['H']:.3f}** | {r['seconds_per_concept']:.1f} | {r['patch_bytes']:,} |")
+    precise = [r for r in report["results"] if "precise" in r]
+    if precise:
+        first, last = precise[0]["precise"]["seeds"]
+        rows += ["", f"| run | recipe | erased before -> after, {last - first + 1} seeds per prompt ({first}-{last}) | "
+                 "kept (as above) | H |", "|---|---|---|---|---|"]
+        rows += [f"| {r['run']} | {r['recipe']} | {r['precise']['erased_before']:.3f} -> {r['precise']['erased_after']:.3f} | "
+                 f"{r['kept']:.3f} | **{r['precise']['H']:.3f}** |" for r in precise]
     inv = report.get("inversion")
     if inv:
         rows += ["", "| concept | recovery: generic word -> learned tokens | M-Score before | after forgetting it alone "
