@@ -208,7 +208,7 @@ def recovery_attack(toy, oracle_net, trained: dict, seeds: list[int]) -> dict[st
 
 
 def precise_entry(toy, oracle_net, forgotten: list[str], patched, kept: float, base_cache: dict) -> dict:
-    """`--precise-erasure`'s figures for one run; the original model's are measured once per run."""
+    """`--precise-erasure`'s figures for one run; the original model's, once per set of forgotten concepts."""
     key = tuple(forgotten)
     if key not in base_cache:
         base_cache[key] = precise_erasure(toy[0], toy, oracle_net, forgotten)
