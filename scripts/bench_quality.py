@@ -125,12 +125,9 @@ def harmonic(erased_after: float, kept: float) -> float:
 
 def precise_erasure(toy_model, toy, oracle_net, forgotten: list[str]) -> float:
     """Mean detection of the forgotten concepts on their own prompts, SEEDS_PRECISE each."""
-    import torch
-    from fmn_pack.toybench import train as toy_train, world
-    _, clip, vae = toy
+    from fmn_pack.toybench import world
     scenes = list({s.prompt: s for c in forgotten for s in world.scenes_for(c)}.values())
-    with torch.inference_mode():
-        found = toy_train.detection_rates(toy_model, clip, vae, oracle_net, SEEDS_PRECISE, SEEDS_PRECISE, scenes=scenes)
+    found = rates(toy_model, toy, oracle_net, (SEEDS_PRECISE, SEEDS_PRECISE), scenes)
     return sum(found[c] for c in forgotten) / len(forgotten)
 
 
@@ -213,19 +210,20 @@ def precise_entry(toy, oracle_net, forgotten: list[str], patched, kept: float, b
     if key not in base_cache:
         base_cache[key] = precise_erasure(toy[0], toy, oracle_net, forgotten)
     after = precise_erasure(patched, toy, oracle_net, forgotten)
-    print(f"    precise erasure ({len(SEEDS_PRECISE)} seeds): {base_cache[key]:.3f} -> {after:.3f}, "
-          f"H {harmonic(after, kept):.3f}", flush=True)
+    h = harmonic(after, kept)
+    print(f"    precise erasure ({len(SEEDS_PRECISE)} seeds): {base_cache[key]:.3f} -> {after:.3f}, H {h:.3f}", flush=True)
     return {"seeds": [SEEDS_PRECISE[0], SEEDS_PRECISE[-1]], "erased_before": round(base_cache[key], 4),
-            "erased_after": round(after, 4), "H": round(harmonic(after, kept), 4)}
+            "erased_after": round(after, 4), "H": round(h, 4)}
 
 
-def rates(toy_model, toy, oracle_net, seeds: tuple[list[int], list[int]]) -> dict:
-    """Detection per concept; seeds = (per portrait prompt, per object prompt)."""
+def rates(toy_model, toy, oracle_net, seeds: tuple[list[int], list[int]], scenes: list | None = None) -> dict:
+    """Detection per concept on `scenes` (default: every scene of the world); seeds = (per
+    portrait prompt, per object prompt)."""
     import torch
     from fmn_pack.toybench import train as toy_train
     _, clip, vae = toy
     with torch.inference_mode():
-        return toy_train.detection_rates(toy_model, clip, vae, oracle_net, *seeds)
+        return toy_train.detection_rates(toy_model, clip, vae, oracle_net, *seeds, scenes=scenes)
 
 
 def main(argv=None) -> None:
@@ -395,17 +393,14 @@ def redirect_report(toy, oracle_net, seeds: tuple[list[int], list[int]], seed: i
     fields, default REDIRECT_RECIPE); detection of the replacement and of the concept on
     every prompt that names the concept, and the other concepts' detection after / before
     (`base`) on their own prompts."""
-    import torch
-    from fmn_pack.toybench import train as toy_train, world
-    _, clip, vae = toy
+    from fmn_pack.toybench import world
     recipe = REDIRECT_RECIPE if recipe is None else recipe
     out = {}
     for concept, category, anchor, replacement in REDIRECTS:
         line = f"{concept} | {category} | anchor={anchor}"
         run = one_run(toy, [line], recipe, seed, images_of=[replacement])
         scenes = [Probe(s.prompt, (concept, replacement), bool(s.identity)) for s in world.scenes_for(concept)]
-        with torch.inference_mode():
-            seen = toy_train.detection_rates(run["patched"], clip, vae, oracle_net, *seeds, scenes=scenes)
+        seen = rates(run["patched"], toy, oracle_net, seeds, scenes)
         kept = score(base, rates(run["patched"], toy, oracle_net, seeds), [concept, replacement])["kept"]
         out[line] = {"replacement": replacement, "replacement_detected": round(seen[replacement], 3),
                      "concept_detected": round(seen[concept], 3), "kept": round(kept, 3), "prompts": len(scenes),
