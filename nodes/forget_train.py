@@ -28,6 +28,10 @@ WARM_START_TOOLTIP = ("Start from a closed-form edit of the keys and values (as 
                       "as usual. On ToyBench it lifted the hardest concept (star) from H 0.86 to 0.91. It runs for up "
                       "to 3 concepts at once, or any number with a keep list (beyond that it moved the neighbours "
                       "more than it helped). Aimed modes only; the other modes ignore it.")
+NEGATIVE_GUIDANCE_TOOLTIP = ("How far the output term's target lies beyond the anchor, away from the concept (as ESD's "
+                             "negative guidance): the anchor's prediction minus this times (the concept's prediction minus "
+                             "the anchor's). 0 = the anchor's prediction itself. It also erases where a noisy image already "
+                             "shows the concept; needs output_weight above 0.")
 MODE_TOOLTIP = "Which weights train. " + "; ".join(f"'{name}': {mode.description}" for name, mode in MODES.items()) + "."
 
 
@@ -80,6 +84,8 @@ class ForgetTrain:
                 "resume_from": resume_input(FOLDER),
                 **memory_inputs(),
                 "warm_start": ("BOOLEAN", {"default": DEFAULTS.warm_start, "tooltip": WARM_START_TOOLTIP}),
+                "negative_guidance": ("FLOAT", {"default": DEFAULTS.negative_guidance, "min": 0.0, "max": 10.0, "step": 0.1,
+                                                "tooltip": NEGATIVE_GUIDANCE_TOOLTIP}),
             },
         }
 
@@ -97,11 +103,12 @@ class ForgetTrain:
               resolution=DEFAULTS.resolution, output_weight=DEFAULTS.output_weight, keep="",
               save_every=0, checkpoint_name="forget_checkpoint", resume_from=NO_RESUME,
               precision=DEFAULTS.precision, gradient_checkpointing=DEFAULTS.gradient_checkpointing,
-              warm_start=DEFAULTS.warm_start):
+              warm_start=DEFAULTS.warm_start, negative_guidance=DEFAULTS.negative_guidance):
         parsed = parse_concepts(concepts)
         config = ForgetConfig(steps=steps, learning_rate=learning_rate, rank=rank, seed=seed, mode=mode,
                               batch_size=batch_size, include_end_token=include_end_token, resolution=resolution,
-                              output_weight=output_weight, keep=parse_keep(keep, parsed), precision=precision,
+                              output_weight=output_weight, negative_guidance=negative_guidance,
+                              keep=parse_keep(keep, parsed), precision=precision,
                               gradient_checkpointing=gradient_checkpointing, warm_start=warm_start)
         latents = latents_for_concepts(model, parsed, images=images, vae=vae, latent=latent)
         result = forget(model, clip, parsed, config, latents, progress=host.Progress(steps),

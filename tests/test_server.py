@@ -35,7 +35,7 @@ NODE_CONTRACT = {
         {"images": "IMAGE", "vae": "VAE", "latent": "LATENT", "mode": "COMBO", "include_end_token": "BOOLEAN",
          "batch_size": "INT", "resolution": "INT", "output_weight": "FLOAT", "keep": "STRING",
          "save_every": "INT", "checkpoint_name": "STRING", "resume_from": "COMBO", "precision": "COMBO",
-         "gradient_checkpointing": "BOOLEAN", "warm_start": "BOOLEAN"},
+         "gradient_checkpointing": "BOOLEAN", "warm_start": "BOOLEAN", "negative_guidance": "FLOAT"},
         ["MODEL", "FORGET_PATCH", "IMAGE"], False),
     "FMN_ApplyForgetPatch": ({"model": "MODEL", "patch": "FORGET_PATCH", "strength": "FLOAT"}, {}, ["MODEL"], False),
     "FMN_LoadForgetPatch": ({"patch_name": "COMBO"}, {}, ["FORGET_PATCH"], False),
