@@ -93,7 +93,15 @@ def _rank_for(singular: torch.Tensor, tolerance: float) -> int:
     return int((energy < (1 - tolerance) * energy[-1]).sum()) + 1
 
 
-def merge_patches(clip, patches: list[ForgetPatch], preserve_weight: float = 1.0, tolerance: float = 1e-3,
+# How firmly the fusion holds ordinary prompts. ToyBench, single patches trained with the
+# defaults (negative guidance 0.5), fused H against one run over the same concepts: at 1,
+# objects 0.862 (88 %) and all but two 0.629 (68 %); at 4, 0.877 and 0.755; at 16, 0.924
+# and 0.876. Each single patch moves the other concepts a little, and summed over ten that
+# is what the preserve term has to hold.
+PRESERVE_WEIGHT = 16.0
+
+
+def merge_patches(clip, patches: list[ForgetPatch], preserve_weight: float = PRESERVE_WEIGHT, tolerance: float = 1e-3,
                   ridge: float = 1e-3) -> ForgetPatch:
     """One patch that acts on each input patch's concepts as that patch does (see module)."""
     check_mergeable(patches)

@@ -7,7 +7,7 @@ import os
 import folder_paths
 
 from ..fmn_core.files import inside, safe_filename
-from ..fmn_core.merge import merge_patches
+from ..fmn_core.merge import PRESERVE_WEIGHT, merge_patches
 from ..fmn_core.patch import STRENGTH_RANGE, apply_patch, load_patch, save_patch, with_cover
 
 FOLDER = "forget_patches"
@@ -117,7 +117,7 @@ class MergeForgetPatches:
                                              "each patch's concepts, which the fusion keeps apart."}),
                 "patch_1": slot,
                 "patch_2": slot,
-                "preserve_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1,
+                "preserve_weight": ("FLOAT", {"default": PRESERVE_WEIGHT, "min": 0.0, "max": 100.0, "step": 0.1,
                                               "tooltip": "How strongly ordinary prompts are held as they were, "
                                                          "against reproducing each patch exactly on its concept."}),
             },
