@@ -85,14 +85,17 @@ REDIRECT_RECIPE = {"output_weight": 100.0, "steps": 400, "learning_rate": 0.05}
 KEEP_REST = "rest"  # a recipe's keep list: the world's concepts that the run does not forget
 RECIPES = {
     "pack defaults": {},
-    "re-steering alone": {"warm_start": False},  # the defaults before the closed-form warm start
+    "no negative guidance": {"negative_guidance": 0.0},  # the defaults before negative guidance
+    # the defaults before the closed-form warm start (and before negative guidance)
+    "re-steering alone": {"warm_start": False, "negative_guidance": 0.0},
     "reference": {"mode": "reference", "output_weight": 0.0, "learning_rate": 2e-4, "steps": 100},
     "pack defaults + keep": {"keep": KEEP_REST},
+    "no negative guidance + keep": {"keep": KEEP_REST, "negative_guidance": 0.0},
 }
 # "all but two": ten concepts forgotten in one run, one identity and one style kept, each
 # with neighbours of its own category forgotten beside it.
 ALL_BUT = ("Madame Plink", "neon")
-MULTI_CONCEPT_ONLY = {"pack defaults + keep"}  # a keep list is for runs that forget several concepts
+MULTI_CONCEPT_ONLY = {"pack defaults + keep", "no negative guidance + keep"}  # a keep list is for runs that forget several concepts
 
 
 def runs(world) -> dict[str, list[str]]:
