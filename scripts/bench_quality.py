@@ -348,7 +348,12 @@ def merge_results(out: Path, new: dict, all_runs: dict) -> None:
     order = list(all_runs)
     recipes = {**report["recipes"], **new["recipes"]}  # a recipe of an earlier merge keeps its place too
     recipe_order = list(RECIPES) + [n for n in recipes if n not in RECIPES] + [FUSED]
-    results.sort(key=lambda r: (order.index(r["run"]), recipe_order.index(r["recipe"])))
+
+    def place(recipe: str) -> int:
+        """A recipe no longer in the code (a relabelled earlier default) goes last."""
+        return recipe_order.index(recipe) if recipe in recipe_order else len(recipe_order)
+
+    results.sort(key=lambda r: (order.index(r["run"]), place(r["recipe"])))
     report.update(results=results, recipes=recipes,
                   merged=sorted({*report.get("merged", []), new["measured"]}))
     rewrite_report(report, out)
