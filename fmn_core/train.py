@@ -496,7 +496,7 @@ def _step_loss(unet, sink: ColumnEnergy, batch: list[tuple], deltas: dict[str, L
         if output_weight:
             with torch.no_grad(), disabled(deltas), sink.paused():
                 teacher = unet(x, sigma, anchor, anchor_pooled)
-                if negative_guidance:
+                if negative_guidance and any(g[7] != KEEP for g in group):  # a kept prompt's target is its own
                     teacher = pushed_away(teacher, unet(x, sigma, context, pooled), negative_guidance)
         sink.mask = mask
         student = unet(x, sigma, context, pooled)
