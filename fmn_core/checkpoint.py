@@ -32,6 +32,10 @@ FORMAT = "forget-me-not-state/1"
 # Config fields a resumed run may change: how long it runs and how it saves memory (neither
 # changes what is trained). Every other field must match.
 FREE_FIELDS = ("steps", "precision", "gradient_checkpointing")
+# Settings added after the state format: a state without one was written by a run that had
+# this value (the behaviour of the time), so it resumes when the inputs say the same and is
+# refused, naming the setting, when they do not.
+PREDATED_SETTINGS = {"warm_start": False, "negative_guidance": 0.0}
 
 
 @dataclass
@@ -166,6 +170,7 @@ def load_state(path: Path, settings: dict) -> TrainingState:
         )
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"{Path(path).name} is not a valid Forget-Me-Not training state: {e}") from None
+    saved = {**{k: v for k, v in PREDATED_SETTINGS.items() if k in settings}, **saved}
     differ = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
     if differ:
         detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {settings.get(k)!r}" for k in differ[:4])

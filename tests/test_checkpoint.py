@@ -1,9 +1,12 @@
 """Save every N steps and resume: a run cancelled after a checkpoint and resumed from it
 ends with exactly the patch an uninterrupted run with the same seed gives (ToyBench, CPU)."""
+import json
 from dataclasses import replace
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from fmn_pack.fmn_core.checkpoint import STATE_SUFFIX, Checkpoints, state_path
 from fmn_pack.fmn_core.concepts import parse_concepts
@@ -82,6 +85,24 @@ def test_resume_with_other_settings_or_past_the_end_is_refused(toy, tmp_path):
         forget(toy[0], toy[1], CONCEPTS, CONFIG, resume=state)
 
 
+def test_a_state_written_before_warm_start_and_negative_guidance_resumes_with_them_off(toy, tmp_path):
+    """States of the first format lack the settings added since; they were trained with
+    both off, so they resume with both off and are refused, by name, at the defaults."""
+    then = replace(CONFIG, warm_start=False, negative_guidance=0.0)
+    forget(toy[0], toy[1], CONCEPTS, replace(then, steps=4), checkpoints=every(2, tmp_path))
+    state = state_path(tmp_path / "run_step2.safetensors")
+    with safe_open(str(state), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    settings = json.loads(metadata["fmn.settings"])
+    del settings["warm_start"], settings["negative_guidance"]
+    save_file(tensors, state, metadata={**metadata, "fmn.settings": json.dumps(settings, sort_keys=True)})
+
+    with pytest.raises(ValueError, match="negative_guidance: saved 0.0, now 0.5; warm_start: saved False, now True"):
+        forget(toy[0], toy[1], CONCEPTS, CONFIG, resume=state)
+    resumed = forget(toy[0], toy[1], CONCEPTS, then, resume=state)
+    assert resumed.losses == forget(toy[0], toy[1], CONCEPTS, then).losses
+
+
 def test_an_existing_checkpoint_is_refused_before_training(toy, tmp_path):
     (tmp_path / "run_step2.safetensors").write_bytes(b"someone's file")
     calls = CancelAfter(100)
@@ -92,7 +113,6 @@ def test_an_existing_checkpoint_is_refused_before_training(toy, tmp_path):
 
 
 def json_list(text: str) -> list:
-    import json
     return json.loads(text)
 
 
