@@ -248,7 +248,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-inversion", action="store_true", help="skip the Concept Inversion and M-Score measurements")
     ap.add_argument("--only-inversion", action="store_true",
                     help="re-measure only Concept Inversion and M-Score into the existing --out (the pack-defaults "
-                         "patches are retrained with the same seed; the forgetting results are kept)")
+                         "patches of --runs are retrained with the same seed; the forgetting results are kept)")
     ap.add_argument("--only-redirect", action="store_true",
                     help="measure only the redirects (REDIRECTS) into the existing --out")
     ap.add_argument("--only-anchor-floor", action="store_true",
@@ -276,7 +276,8 @@ def main(argv=None) -> None:
     toy = loader.load(folder)
     oracle_net = loader.load_oracle(folder)
     if args.only_inversion:
-        return remeasure_inversion(toy, oracle_net, all_runs, seeds[0], args.seed, Path(args.out))
+        measured = {r: all_runs[r] for r in chosen}
+        return remeasure_inversion(toy, oracle_net, measured, seeds[0], args.seed, Path(args.out))
     if args.only_redirect:
         report = json.loads(Path(args.out).read_text())
         report["redirect"] = redirect_report(toy, oracle_net, seeds, args.seed, report["base"],
