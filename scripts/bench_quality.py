@@ -95,7 +95,8 @@ RECIPES = {
 # "all but two": ten concepts forgotten in one run, one identity and one style kept, each
 # with neighbours of its own category forgotten beside it.
 ALL_BUT = ("Madame Plink", "neon")
-MULTI_CONCEPT_ONLY = {"pack defaults + keep", "no negative guidance + keep"}  # a keep list is for runs that forget several concepts
+# A keep list is for runs that forget several concepts.
+MULTI_CONCEPT_ONLY = {name for name, recipe in RECIPES.items() if recipe.get("keep") == KEEP_REST}
 
 
 def runs(world) -> dict[str, list[str]]:

@@ -53,7 +53,7 @@ def test_resume_ends_with_the_uninterrupted_runs_patch(toy, uninterrupted, tmp_p
         forget(toy[0], toy[1], CONCEPTS, CONFIG, progress=CancelAfter(3), checkpoints=every(2, tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run_step2.fmn-state", "run_step2.safetensors"]
     checkpoint = load_patch(tmp_path / "run_step2.safetensors")
-    assert checkpoint.metadata["fmn.steps"] == "2" and len(json_list(checkpoint.metadata["fmn.losses"])) == 2
+    assert checkpoint.metadata["fmn.steps"] == "2" and len(json.loads(checkpoint.metadata["fmn.losses"])) == 2
 
     resumed = forget(toy[0], toy[1], CONCEPTS, CONFIG, resume=state_path(tmp_path / "run_step2.safetensors"))
     assert resumed.losses == uninterrupted.losses
@@ -110,10 +110,6 @@ def test_an_existing_checkpoint_is_refused_before_training(toy, tmp_path):
         forget(toy[0], toy[1], CONCEPTS, CONFIG, progress=calls, checkpoints=every(2, tmp_path))
     assert calls.left == 100, "training started before the name clash was found"
     assert (tmp_path / "run_step2.safetensors").read_bytes() == b"someone's file"
-
-
-def json_list(text: str) -> list:
-    return json.loads(text)
 
 
 def test_the_node_saves_checkpoints_offers_them_and_resumes(toy, tmp_path, monkeypatch):
