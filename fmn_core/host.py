@@ -519,12 +519,22 @@ def lora_key_map(patcher) -> dict[str, str]:
     return comfy.lora.model_lora_keys_unet(patcher.model, {})
 
 
-def apply_lora(patcher, lora: dict[str, torch.Tensor], strength: float):
-    """Clone and patch exactly as the stock LoraLoaderModelOnly does."""
+def clip_lora_shapes(clip) -> dict[str, tuple[int, ...]]:
+    """LoRA module name -> weight shape for every text-encoder weight the host's CLIP key
+    map reaches (its generic `text_encoders.` names included)."""
+    import comfy.lora
+
+    state = clip.cond_stage_model.state_dict()
+    return {module: tuple(state[key].shape) for module, key in comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}).items()}
+
+
+def apply_lora(patcher, lora: dict[str, torch.Tensor], strength: float, clip=None):
+    """Clone and patch exactly as the stock LoraLoaderModelOnly does; with `clip`, as the
+    stock LoraLoader does, and return (model, clip)."""
     import comfy.sd
 
-    patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora, strength, 0)
-    return patched
+    patched, patched_clip = comfy.sd.load_lora_for_models(patcher, clip, lora, strength, strength)
+    return patched if clip is None else (patched, patched_clip)
 
 
 # --- progress ---------------------------------------------------------------------

@@ -74,6 +74,22 @@ def kohya_name(weight_key: str) -> str:
     return "lora_unet_" + module.replace(".", "_")
 
 
+# The host's generic LoRA key prefix for text-encoder weights, and the token table under
+# each encoder's key (clip_l, clip_h, clip_g): where a 'token rows' patch keeps its edit.
+TEXT_PREFIX = "text_encoders."
+TOKEN_TABLE = "transformer.text_model.embeddings.token_embedding"
+
+
+def token_table_name(embedding_key: str) -> str:
+    """The LoRA module name of an encoder's token table, as the host's CLIP key map names it."""
+    return f"{TEXT_PREFIX}{embedding_key}.{TOKEN_TABLE}"
+
+
+def is_text_module(module: str) -> bool:
+    """A LoRA module of the text encoder, not the UNet."""
+    return module.startswith(TEXT_PREFIX)
+
+
 @contextlib.contextmanager
 def disabled(deltas: dict[str, LowRankDelta]) -> Iterator[None]:
     """Run the original model (the frozen teacher) without a second copy of it."""

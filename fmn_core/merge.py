@@ -14,7 +14,8 @@ preserve prompts' and kept concepts' rows. With second moments M the closed form
     dW = (sum_i dW_i M_i) (sum_i M_i + preserve_weight * M_P)^-1.
 
 Projections that read the image (`to_q`, `to_out`, in reference-recipe patches) cannot be
-fitted on text, so they are added. The fused update is factored by SVD at the smallest
+fitted on text, so they are added. A text-encoder side ('token rows' patches: changes of
+their words' rows in the token table) is added exactly, by stacking the factors. The fused update is factored by SVD at the smallest
 rank that keeps all but `tolerance` of its energy, one rank for all layers: patches whose
 concepts share directions share rank, so the file grows less than the sum of its inputs.
 """
@@ -113,7 +114,7 @@ def merge_patches(clip, patches: list[ForgetPatch], preserve_weight: float = PRE
         preserve = preserve.merged(own)
     concept = [m.matrix() for m, _ in moments]
     system = aim.ridged(sum(concept) + preserve_weight * preserve.matrix(), ridge)
-    modules = sorted({m for p in patches for m in p.modules()})
+    modules = sorted({m for p in patches for m in p.unet_modules()})
     fused = {}
     for module in modules:
         deltas = [_delta(p, module) for p in patches]
@@ -122,14 +123,31 @@ def merge_patches(clip, patches: list[ForgetPatch], preserve_weight: float = PRE
         else:
             fused[module] = sum(d for d in deltas if d is not None)
     factors = {m: torch.linalg.svd(d, full_matrices=False) for m, d in fused.items()}
-    rank = max(_rank_for(s, tolerance) for _, s, _ in factors.values())
-    lora = {}
+    rank = max((_rank_for(s, tolerance) for _, s, _ in factors.values()), default=0)
+    lora = stacked_text_sides(patches)
     for module, (u, s, vh) in factors.items():
         r = min(rank, len(s))
         lora[f"{module}.lora_up.weight"] = (u[:, :r] * s[:r]).to(torch.float16).contiguous()
         lora[f"{module}.lora_down.weight"] = vh[:r].to(torch.float16).contiguous()
         lora[f"{module}.alpha"] = torch.tensor(float(r))
     return ForgetPatch(lora, merged_metadata(patches, rank, preserve_weight, tolerance))
+
+
+def stacked_text_sides(patches: list[ForgetPatch]) -> dict[str, torch.Tensor]:
+    """The patches' text-encoder LoRAs as one: up and down factors stacked along the rank,
+    each scaled by its alpha / rank, so the sum of the edits is exact."""
+    lora = {}
+    for module in sorted({m for p in patches for m in p.text_modules()}):
+        ups, downs = [], []
+        for p in (p for p in patches if module in p.text_modules()):
+            up, down = p.lora[f"{module}.lora_up.weight"], p.lora[f"{module}.lora_down.weight"]
+            alpha = p.lora.get(f"{module}.alpha")
+            ups.append(up.float() * (1.0 if alpha is None else float(alpha) / up.shape[1]))
+            downs.append(down.float())
+        lora[f"{module}.lora_up.weight"] = torch.cat(ups, dim=1).to(torch.float16).contiguous()
+        lora[f"{module}.lora_down.weight"] = torch.cat(downs).to(torch.float16).contiguous()
+        lora[f"{module}.alpha"] = torch.tensor(float(sum(u.shape[1] for u in ups)))
+    return lora
 
 
 def merged_metadata(patches: list[ForgetPatch], rank: int, preserve_weight: float, tolerance: float) -> dict[str, str]:
@@ -140,7 +158,7 @@ def merged_metadata(patches: list[ForgetPatch], rank: int, preserve_weight: floa
     base = {k: first[k] for k in ("fmn.format", "fmn.pack_version", "fmn.base_arch", "fmn.base_fingerprint",
                                   "fmn.context_dim") if k in first}
     card = model_card(first.get("fmn.base_arch", "unknown"), [c.text for c in concepts], [c.category for c in concepts],
-                      0, "merged")
+                      0, "merged", any(p.text_modules() for p in patches))
     card["modelspec.description"] = (f"Forget-Me-Not patch: the model forgets {', '.join(c.text for c in concepts)}. "
                                      f"Merged from {len(patches)} patches by least squares.")
     sources = [{"concepts": p.concepts, "rank": p.metadata.get("fmn.rank"), "mode": p.metadata.get("fmn.mode")}

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from . import host
 from .files import atomic_write
-from .lora import FULL_RANK
+from .lora import FULL_RANK, is_text_module
 from .safetensors_check import load_checked
 
 SUFFIXES = (".lora_up.weight", ".lora_down.weight", ".alpha")
@@ -47,11 +47,25 @@ class ForgetPatch:
     def modules(self) -> list[str]:
         return sorted({k[: -len(s)] for k in self.lora for s in SUFFIXES if k.endswith(s)})
 
+    def text_modules(self) -> list[str]:
+        """Modules of the text encoder (a 'token rows' patch edits its token table)."""
+        return [m for m in self.modules() if is_text_module(m)]
+
+    def unet_modules(self) -> list[str]:
+        return [m for m in self.modules() if not is_text_module(m)]
+
     def size_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.lora.values())
 
 
-def model_card(arch: str, concepts: list[str], categories: list[str], steps: int, mode: str) -> dict[str, str]:
+USAGE_MODEL = ("Apply to the MODEL only (Apply Forget Patch or LoraLoaderModelOnly) at strength 1; "
+               "lower strength forgets less.")
+USAGE_CLIP = ("Apply to the CLIP (Apply Forget Patch with its clip input, or LoraLoader): it edits the text encoder's "
+              "rows of the concept's words; strength 1, lower strength forgets less.")
+
+
+def model_card(arch: str, concepts: list[str], categories: list[str], steps: int, mode: str,
+               edits_text: bool = False) -> dict[str, str]:
     """The `modelspec.*` header fields that ComfyUI's Model Library (and other LoRA tools)
     show for a file, so a patch says what it does without being opened."""
     named = ", ".join(f"{c} ({k})" for c, k in zip(concepts, categories))
@@ -60,8 +74,7 @@ def model_card(arch: str, concepts: list[str], categories: list[str], steps: int
         "modelspec.architecture": f"{MODELSPEC_ARCH.get(arch, arch)}/lora",
         "modelspec.title": "Forget " + ", ".join(concepts),
         "modelspec.description": f"Forget-Me-Not patch: the model forgets {named}. Trained {steps} steps, mode {mode}.",
-        "modelspec.usage_hint": "Apply to the MODEL only (Apply Forget Patch or LoraLoaderModelOnly) at strength 1; "
-                                "lower strength forgets less.",
+        "modelspec.usage_hint": USAGE_CLIP if edits_text else USAGE_MODEL,
         "modelspec.tags": ", ".join(["forget-me-not", "concept erasure", *concepts]),
     }
 
@@ -137,14 +150,14 @@ def rank_fits(rank: int, declared: int, shape) -> bool:
     return rank == declared or declared > rank == min(shape)
 
 
-def compatibility_problems(patch: ForgetPatch, patcher) -> list[str]:
-    """What does not match between the patch and the model it is applied to."""
+def compatibility_problems(patch: ForgetPatch, patcher, clip=None) -> list[str]:
+    """What does not match between the patch and the model (and CLIP) it is applied to."""
     problems = structure_problems(patch)
     arch = host.model_arch(patcher)
     if patch.base_arch is not None and patch.base_arch != arch:
         problems.append(f"the patch was made for {patch.base_arch}, the model is {arch}")
     key_map = host.lora_key_map(patcher)
-    modules = patch.modules()
+    modules = patch.unet_modules()
     shapes = host.weight_shapes(patcher, [key_map[m] for m in modules if m in key_map])
     declared = patch.metadata.get("fmn.rank")
     for module in modules:
@@ -152,24 +165,55 @@ def compatibility_problems(patch: ForgetPatch, patcher) -> list[str]:
         if target is None:
             problems.append(f"the model has no layer {module}")
             continue
-        up, down = patch.lora.get(f"{module}.lora_up.weight"), patch.lora.get(f"{module}.lora_down.weight")
-        if up is None or down is None or up.ndim != 2 or down.ndim != 2:
-            continue
-        want = shapes[target]
-        if (up.shape[0], down.shape[1]) != tuple(want[:2]):
-            problems.append(f"{module}: patch delta {up.shape[0]}x{down.shape[1]} vs model weight {want[0]}x{want[1]}")
-        if declared not in (None, FULL_RANK) and not rank_fits(up.shape[1], int(declared), want[:2]):
+        problems += _shape_problems(patch, module, shapes[target])
+        up = patch.lora.get(f"{module}.lora_up.weight")
+        if up is not None and up.ndim == 2 and declared not in (None, FULL_RANK) \
+                and not rank_fits(up.shape[1], int(declared), shapes[target][:2]):
             problems.append(f"{module}: rank {up.shape[1]} vs the patch's declared rank {declared}")
-    return problems
+    return problems + _text_problems(patch, clip)
 
 
-def apply_patch(patcher, patch: ForgetPatch, strength: float):
-    """A patched clone of `patcher`; the input model is never modified."""
+def _shape_problems(patch: ForgetPatch, module: str, want: tuple[int, ...]) -> list[str]:
+    up, down = patch.lora.get(f"{module}.lora_up.weight"), patch.lora.get(f"{module}.lora_down.weight")
+    if up is None or down is None or up.ndim != 2 or down.ndim != 2 or (up.shape[0], down.shape[1]) == tuple(want[:2]):
+        return []
+    return [f"{module}: patch delta {up.shape[0]}x{down.shape[1]} vs model weight {want[0]}x{want[1]}"]
+
+
+def _text_problems(patch: ForgetPatch, clip) -> list[str]:
+    """A text-encoder side needs the CLIP it was trained for."""
+    modules = patch.text_modules()
+    if not modules:
+        return []
+    if clip is None:
+        return ["it edits the text encoder (the rows of its concepts' words): connect the CLIP to Apply Forget Patch "
+                "and use its CLIP output, or load it with the stock LoraLoader"]
+    shapes = host.clip_lora_shapes(clip)
+    problems = [f"the CLIP has no weight {m}" for m in modules if m not in shapes]
+    return problems + [p for m in modules if m in shapes for p in _shape_problems(patch, m, shapes[m])]
+
+
+def _checked(patch: ForgetPatch, patcher, strength: float, clip=None) -> None:
     low, high = STRENGTH_RANGE
     if not low <= strength <= high:
         raise ValueError(f"strength must be in [{low}, {high}], got {strength}")
-    problems = compatibility_problems(patch, patcher)
+    problems = compatibility_problems(patch, patcher, clip)
     if problems:
         more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
         raise ValueError("forget patch does not fit this model: " + "; ".join(problems[:5]) + more)
+
+
+def apply_patch(patcher, patch: ForgetPatch, strength: float):
+    """A patched clone of `patcher`; the input model is never modified. A patch with a
+    text-encoder side needs `apply_patch_with_clip`."""
+    _checked(patch, patcher, strength)
     return host.apply_lora(patcher, patch.lora, strength)
+
+
+def apply_patch_with_clip(patcher, clip, patch: ForgetPatch, strength: float) -> tuple:
+    """(patched model, patched CLIP), both clones; the CLIP is passed through unchanged
+    when the patch has no text-encoder side."""
+    _checked(patch, patcher, strength, clip)
+    if not patch.text_modules():
+        return host.apply_lora(patcher, patch.lora, strength), clip
+    return host.apply_lora(patcher, patch.lora, strength, clip)

@@ -24,6 +24,7 @@ import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -47,6 +48,7 @@ class TrainMode:
     aimed: bool
     description: str
     dense: bool = False  # whole-matrix updates (the reference recipe), not low-rank
+    token_rows: bool = False  # the concept's rows of the text encoder's token table, no UNet weight (token_rows.py)
 
 
 MODES: dict[str, TrainMode] = {
@@ -56,6 +58,9 @@ MODES: dict[str, TrainMode] = {
     "all attn2": TrainMode(("to_q", "to_k", "to_v", "to_out.0"), False, "ordinary LoRA on every attn2 projection"),
     "reference": TrainMode(("to_q", "to_k", "to_v", "to_out.0"), False,
                            "the paper's recipe: every attn2 weight trained whole (large patch; use its lr ~1e-5)", dense=True),
+    "token rows": TrainMode((), False, "the concept's own words' rows in the text encoder, UNet untouched: prompts "
+                                       "without those words stay exactly as they were, but other phrasings still reach "
+                                       "the concept (connect the CLIP output)", token_rows=True),
 }
 
 
@@ -378,11 +383,11 @@ def latents_for_concepts(patcher, concepts: list[Concept], images=None, vae=None
     return per_concept
 
 
-def _group_by_length(items: list[tuple]) -> list[list[tuple]]:
+def _group_by_length(samples: list[Sample]) -> list[list[Sample]]:
     """Samples whose context and anchor lengths agree, so each group stacks into one batch."""
-    groups: dict[tuple[int, int], list[tuple]] = defaultdict(list)
-    for item in items:
-        groups[item[1].shape[1], item[2].shape[1]].append(item)
+    groups: dict[tuple[int, int], list[Sample]] = defaultdict(list)
+    for sample in samples:
+        groups[sample.context.shape[1], sample.anchor.shape[1]].append(sample)
     return list(groups.values())
 
 
@@ -392,9 +397,17 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
     """Train a forget patch for `concepts` on a clone of `patcher`; the input is untouched.
 
     `checkpoints` writes a patch and its training state every N steps; `resume` (a state
-    file) continues such a run from its step, with the same settings, to `config.steps`."""
+    file) continues such a run from its step, with the same settings, to `config.steps`.
+    Mode 'token rows' trains the text encoder's rows instead (`token_rows.py`)."""
     config.validate()
     mode = MODES[config.mode]
+    if mode.token_rows:
+        if checkpoints is not None or resume is not None:
+            raise ValueError("mode 'token rows' trains in seconds and writes no checkpoints: set save_every to 0 and "
+                             "resume_from to none")
+        from .token_rows import forget_token_rows  # imports this module: the text-encoder side builds on its loss
+
+        return forget_token_rows(patcher, clip, concepts, config, latents, progress)
     generator = torch.Generator().manual_seed(config.seed)
     layers = host.attn2_layers(patcher)
     settings = settings_of(config, concepts=[c.text for c in concepts], base_fingerprint=host.model_fingerprint(patcher, layers))
@@ -427,7 +440,7 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
             for step in range(start, config.steps):
                 batch = [_draw(examples, source, sampling, generator, step * config.batch_size + b) for b in range(config.batch_size)]
                 with precision.autocast():
-                    loss = _step_loss(unet, sink, batch, deltas, config.output_weight, config.negative_guidance, device)
+                    loss = step_loss(unet, sink, batch, deltas, config.output_weight, config.negative_guidance, device)
                 optimizer.zero_grad(set_to_none=True)
                 precision.backward(loss)
                 grad_norm = precision.unscale_and_clip(optimizer, params, config.max_grad_norm)
@@ -459,12 +472,12 @@ def make_optimizer(params: list[torch.Tensor], config: ForgetConfig, owners: tor
     return ColumnAdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
-def _activate(optimizer: torch.optim.Optimizer, owners: torch.Tensor | None, batch: list[tuple]) -> None:
+def _activate(optimizer: torch.optim.Optimizer, owners: torch.Tensor | None, batch: list[Sample]) -> None:
     """Tell a ColumnAdamW which columns this batch's concepts own. A kept prompt's sample
     holds every concept's edit to the original output, so it steps every column."""
     if not isinstance(optimizer, ColumnAdamW):
         return
-    present = torch.tensor([sample[7] for sample in batch])
+    present = torch.tensor([sample.concept for sample in batch])
     optimizer.active = None if bool((present == KEEP).any()) else torch.isin(owners, present)
 
 
@@ -477,8 +490,8 @@ def _write_checkpoint(path: Path, deltas: dict[str, LowRankDelta], patcher, laye
     save_state(state_path(path), state, settings)
 
 
-def _step_loss(unet, sink: ColumnEnergy, batch: list[tuple], deltas: dict[str, LowRankDelta],
-               output_weight: float, negative_guidance: float, device: torch.device) -> torch.Tensor:
+def step_loss(unet, sink: ColumnEnergy, batch: list[Sample], deltas: dict[str, LowRankDelta],
+              output_weight: float, negative_guidance: float, device: torch.device) -> torch.Tensor:
     """||target columns||_2 over every layer and head of the whole batch, plus
     `output_weight` times the mean squared difference between the patched model's noise
     prediction for the concept's prompt and the original model's for the anchor prompt
@@ -491,13 +504,13 @@ def _step_loss(unet, sink: ColumnEnergy, batch: list[tuple], deltas: dict[str, L
     output_sq = torch.zeros((), device=device)
     count = 0
     for group in _group_by_length(batch):
-        x, context, anchor, mask, sigma = (torch.cat([g[i] for g in group]).to(device) for i in range(5))
-        pooled, anchor_pooled = (_joined([g[i] for g in group], device) for i in (5, 6))
+        x, context, anchor, mask, sigma, original = (torch.cat([g[i] for g in group]).to(device) for i in (0, 1, 2, 3, 4, 8))
+        pooled, anchor_pooled, original_pooled = (_joined([g[i] for g in group], device) for i in (5, 6, 9))
         if output_weight:
             with torch.no_grad(), disabled(deltas), sink.paused():
                 teacher = unet(x, sigma, anchor, anchor_pooled)
-                if negative_guidance and any(g[7] != KEEP for g in group):  # a kept prompt's target is its own
-                    teacher = pushed_away(teacher, unet(x, sigma, context, pooled), negative_guidance)
+                if negative_guidance and any(g.concept != KEEP for g in group):  # a kept prompt's target is its own
+                    teacher = pushed_away(teacher, unet(x, sigma, original, original_pooled), negative_guidance)
         sink.mask = mask
         student = unet(x, sigma, context, pooled)
         if output_weight:
@@ -529,16 +542,33 @@ def _joined(rows: list[torch.Tensor | None], device: torch.device) -> torch.Tens
     return None if any(r is None for r in rows) else torch.cat(rows).to(device)
 
 
-def _draw(examples: list[Example], source: LatentSource, sampling, generator: torch.Generator, index: int) -> tuple:
-    """One sample: (noisy latent, context, anchor, mask, sigma, pooled, anchor pooled,
-    concept index), concepts taken in turn."""
+class Sample(NamedTuple):
+    """One training sample. `original` (and its pooled) is the concept's prompt as the
+    original model reads it, for the teacher's negative guidance: the same tensor as
+    `context` when the update lives in the UNet, the unedited encoding when it lives in
+    the text encoder (`token_rows.py`)."""
+
+    x: torch.Tensor
+    context: torch.Tensor
+    anchor: torch.Tensor
+    mask: torch.Tensor
+    sigma: torch.Tensor
+    pooled: torch.Tensor | None
+    anchor_pooled: torch.Tensor | None
+    concept: int
+    original: torch.Tensor
+    original_pooled: torch.Tensor | None
+
+
+def _draw(examples: list[Example], source: LatentSource, sampling, generator: torch.Generator, index: int) -> Sample:
+    """One sample, concepts taken in turn."""
     concepts = sorted({e.concept for e in examples})
     concept = concepts[index % len(concepts)]
     pool = [e for e in examples if e.concept == concept]
     example = pool[int(torch.randint(len(pool), (1,), generator=generator))]
     x, sigma, _ = noisy(sampling, source.draw(concept, generator)[None], generator)
-    return (x, example.context, example.anchor, example.mask[None], sigma, example.pooled, example.anchor_pooled,
-            example.concept)
+    return Sample(x, example.context, example.anchor, example.mask[None], sigma, example.pooled, example.anchor_pooled,
+                  example.concept, example.context, example.pooled)
 
 
 def _check_finite(step: int, loss: torch.Tensor, grad_norm: torch.Tensor, scaling: bool = False) -> None:
@@ -562,7 +592,7 @@ def describe(patcher, layers, concepts: list[Concept], config: ForgetConfig, ran
     from . import __version__
 
     card = model_card(host.model_arch(patcher), [c.text for c in concepts], [c.category for c in concepts],
-                      config.steps, config.mode)
+                      config.steps, config.mode, MODES[config.mode].token_rows)
     return {
         **card,
         "fmn.format": "forget-me-not/1",

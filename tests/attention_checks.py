@@ -22,15 +22,17 @@ def shares(model, clip, prompt: str) -> torch.Tensor:
     return metrics.token_shares(model, context, HELD_OUT_SEEDS, HELD_OUT_TIMESTEPS, RESOLUTION, pooled)
 
 
-def concept_share_ratio(before, after, clip, concept: str) -> float:
-    """Largest after/before ratio of the concept's attention share over held-out templates."""
+def concept_share_ratio(before, after, clip, concept: str, after_clip=None) -> float:
+    """Largest after/before ratio of the concept's attention share over held-out templates
+    (`after_clip`: the patched text encoder, for patches that edit it)."""
+    after_clip = clip if after_clip is None else after_clip
     special = SpecialTokens(**host.special_tokens(clip))
     needle = content_tokens(host.tokenize(clip, concept), special)
     ratios = []
     for template in HELD_OUT_TEMPLATES:
         prompt = template.format(concept)
         positions = concept_positions(host.tokenize(clip, prompt), needle, special)
-        ratios.append(float(shares(after, clip, prompt)[positions].sum() / shares(before, clip, prompt)[positions].sum()))
+        ratios.append(float(shares(after, after_clip, prompt)[positions].sum() / shares(before, clip, prompt)[positions].sum()))
     return max(ratios)
 
 
@@ -42,11 +44,12 @@ def word_positions(clip, prompt: str) -> list[int]:
     return list(range(1, end))
 
 
-def worst_word_change(before, after, clip) -> float:
+def worst_word_change(before, after, clip, after_clip=None) -> float:
     """Largest relative change of any word's attention share in prompts without the concept."""
+    after_clip = clip if after_clip is None else after_clip
     worst = 0.0
     for prompt in PROMPTS_WITHOUT_CONCEPT:
         words = word_positions(clip, prompt)
-        b, a = shares(before, clip, prompt)[words], shares(after, clip, prompt)[words]
+        b, a = shares(before, clip, prompt)[words], shares(after, after_clip, prompt)[words]
         worst = max(worst, float(((a - b).abs() / b).max()))
     return worst

@@ -1,0 +1,188 @@
+"""Forgetting in the text encoder: an edit of the concept's own rows of the token table.
+
+An update of the UNet's cross-attention projections is linear in the text context, so it
+moves every word's keys a little (README, How it aims). The rows of the token-embedding
+table that the concept's words look up are read by no other prompt: editing them leaves
+every prompt without those words exactly as it was, bit for bit. The rows train with
+re-steering's own loss (`train.step_loss`: the attention on the concept's columns plus
+the output term with negative guidance), through the differentiable copy of the encoder
+that Concept Inversion uses (`text_encoder.py`), the UNet frozen.
+
+The edit is stored as a LoRA on each encoder's token-embedding weight under the host's
+generic `text_encoders.` LoRA keys: `up` holds one-hot columns that pick the rows and
+`down` their change, so the stock LoraLoader applies it to a CLIP exactly as Apply Forget
+Patch does. What it cannot do: a word's row is that word in every prompt ("Van Gogh"
+also changes "a white van"), and the UNet still knows the concept, so other phrasings or a
+learned embedding (the recovery attack) still reach it.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import host
+from .attention import ColumnEnergy, make_attn2_replace
+from .concepts import Concept
+from .inversion import Prompts, initial_rows, word_rows
+from .latents import noisy
+from .lora import token_table_name
+from .memory import Precision, checkpointed
+from .text_encoder import TextEncoders
+from .tokens import SpecialTokens, content_tokens
+from .train import ForgetConfig, ForgetResult, LatentSource, Sample, describe, step_loss
+
+log = logging.getLogger(__name__)
+
+def word_ids(clip, concept: Concept) -> list[int]:
+    """The token ids of a concept's words; an `embedding:` concept has no rows to edit."""
+    special = SpecialTokens(**host.special_tokens(clip))
+    tokens = content_tokens(host.tokenize(clip, concept.text), special)
+    if not tokens:
+        raise ValueError(f"concept {concept.text!r} tokenizes to nothing usable: give words")
+    if any(isinstance(t, torch.Tensor) for t in tokens):
+        raise ValueError(f"concept {concept.text!r} is an embedding: mode 'token rows' edits the rows of words in the "
+                         "text encoder's vocabulary; use an aimed mode for embedding:NAME concepts")
+    return [int(t) for t in tokens]
+
+
+def check_keep(clip, concepts: list[Concept], keep: tuple[str, ...]) -> None:
+    """A kept concept is left exactly as it was unless it shares a word with a forgotten
+    one: then the edit would change it too, so say so before training."""
+    special = SpecialTokens(**host.special_tokens(clip))
+    edited = {t: c.text for c in concepts for t in word_ids(clip, c)}
+    for kept in keep:
+        shared = [t for t in content_tokens(host.tokenize(clip, kept), special) if isinstance(t, int) and t in edited]
+        if shared:
+            raise ValueError(f"{kept!r} (keep) shares a word with {edited[shared[0]]!r}: mode 'token rows' edits that "
+                             "word in every prompt, so it cannot keep it; use mode 'aimed k/v' with this keep list")
+
+
+class RowEdit(torch.nn.Module):
+    """A change of some rows of the token table, one trainable row per distinct token.
+
+    Like `LowRankDelta`, the parameter is scaled: by the table's root-mean-square entry, so
+    that one learning rate moves an entry by the same fraction of its typical size in any
+    encoder (a step of lr 0.1 moves each entry by a tenth of it)."""
+
+    def __init__(self, encoder: TextEncoders, ids: list[int]):
+        super().__init__()
+        self.ids = ids
+        self.index = {t: i for i, t in enumerate(ids)}
+        self.register_buffer("base", encoder.token_rows(ids).detach().clone())
+        self.scale = float(torch.cat([e.table for e in encoder.encoders], dim=1).pow(2).mean().sqrt())
+        self.change = torch.nn.Parameter(torch.zeros_like(self.base))
+
+    def start_from(self, ids: list[int], rows: torch.Tensor) -> None:
+        """Start the words `ids` at `rows` (a warm start: the anchor's words)."""
+        picks = torch.tensor([self.index[t] for t in ids])
+        with torch.no_grad():
+            self.change[picks] = (rows.to(self.base) - self.base[picks]) / self.scale
+
+    def rows(self, ids: list[int], edited: bool = True) -> torch.Tensor:
+        """Input rows (len(ids), width) of the concept's words, with or without the edit."""
+        picks = torch.tensor([self.index[t] for t in ids])
+        return self.base[picks] + self.change[picks] * self.scale if edited else self.base[picks]
+
+    def export(self, encoder: TextEncoders, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+        """A LoRA per encoder on its token table: one-hot `up` (vocabulary, rows), `down`
+        the rows' change, alpha = rows so the host's scale is 1."""
+        change = (self.change.detach() * self.scale).cpu().float()
+        lora, start = {}, 0
+        for e in encoder.encoders:
+            part = change[:, start:start + e.width]
+            start += e.width
+            up = torch.zeros(e.table.shape[0], len(self.ids))
+            up[torch.tensor(self.ids), torch.arange(len(self.ids))] = 1.0
+            name = token_table_name(e.spec.embedding_key)
+            lora[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
+            lora[f"{name}.lora_down.weight"] = part.to(dtype).contiguous()
+            lora[f"{name}.alpha"] = torch.tensor(float(len(self.ids)))
+        return lora
+
+
+class ConceptPrompts:
+    """One concept's training prompts: its templates split around the concept, its
+    words' ids, and the anchor prompts' contexts (the teacher's target)."""
+
+    def __init__(self, clip, concept: Concept, ids: list[int], include_end: bool):
+        self.ids = ids
+        self.prompts = Prompts(clip, concept.templates)
+        self.anchors = [host.encode_pooled(clip, prompt) for prompt in concept.anchor_prompts()]
+        self.include_end = include_end
+
+    def mask(self, template: int, length: int) -> torch.Tensor:
+        """(1, length): the concept's columns in `template`, and its end token if asked."""
+        before, after = self.prompts.parts[template]
+        first = 1 + len(before)
+        columns = list(range(first, first + len(self.ids)))
+        if self.include_end:
+            columns.append(first + len(self.ids) + len(after))
+        mask = torch.zeros(1, length)
+        mask[0, columns] = 1.0
+        return mask
+
+
+def forget_token_rows(patcher, clip, concepts: list[Concept], config: ForgetConfig,
+                      latents: dict[int, torch.Tensor] | None = None, progress=None) -> ForgetResult:
+    """Train the concepts' word rows and return a patch whose LoRA edits only the text
+    encoder; `patcher` and `clip` are untouched."""
+    check_keep(clip, concepts, config.keep)
+    generator = torch.Generator().manual_seed(config.seed)
+    device = host.device()
+    channels = patcher.model.diffusion_model.in_channels
+    size = config.resolution // 8
+    source = LatentSource({k: v.float() for k, v in (latents or {}).items()}, (channels, size, size))
+    sampling = host.model_sampling(patcher)
+    layers = host.attn2_layers(patcher)
+    losses: list[float] = []
+    with torch.inference_mode(False):
+        encoder = TextEncoders(host.text_encoder_specs(clip))
+        per_concept = [word_ids(clip, c) for c in concepts]
+        edit = RowEdit(encoder, sorted({t for ids in per_concept for t in ids}))
+        prompts = [ConceptPrompts(clip, c, ids, config.include_end_token) for c, ids in zip(concepts, per_concept)]
+        if config.warm_start:
+            for concept, ids in zip(concepts, per_concept):
+                if concept.anchor.strip():
+                    edit.start_from(ids, initial_rows(word_rows(encoder, clip, concept.anchor), len(ids)))
+        optimizer = torch.optim.AdamW([edit.change], lr=config.learning_rate, weight_decay=config.weight_decay)
+        sink = ColumnEnergy()
+        clone = patcher.clone()
+        host.register_attn2(clone, layers, lambda layer, previous: make_attn2_replace(layer.module, sink, previous))
+        precision = Precision(config.precision, device)
+        blocks = host.unet_blocks(clone) if config.gradient_checkpointing else []
+        with host.trainable_unet(clone, {}) as unet, checkpointed(blocks, sink.recomputing):
+            for step in range(config.steps):
+                batch = []
+                for b in range(config.batch_size):
+                    index = (step * config.batch_size + b) % len(concepts)
+                    batch.append(_sample(prompts[index], index, edit, encoder, source, sampling, generator))
+                with precision.autocast():
+                    loss = step_loss(unet, sink, batch, {}, config.output_weight, config.negative_guidance, device)
+                optimizer.zero_grad(set_to_none=True)
+                precision.backward(loss)
+                precision.unscale_and_clip(optimizer, [edit.change], config.max_grad_norm)
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"Forget Train diverged at step {step + 1} (loss {float(loss)}): no patch was "
+                                       "produced; lower learning_rate or steps")
+                precision.step(optimizer)
+                losses.append(float(loss.detach()))
+                if progress is not None:
+                    progress.step()
+        lora = edit.export(encoder)
+    log.info("Forget-Me-Not (token rows): %d steps, loss %.4f -> %.4f", config.steps, losses[0], losses[-1])
+    return ForgetResult(lora, describe(patcher, layers, concepts, config, len(edit.ids), losses), losses)
+
+
+def _sample(prompts: ConceptPrompts, concept: int, edit: RowEdit, encoder: TextEncoders, source: LatentSource,
+            sampling, generator: torch.Generator) -> Sample:
+    """One training sample: a random template of the concept, encoded with the edited rows
+    (the student's context, differentiable) and with the original ones (the teacher's)."""
+    template = int(torch.randint(len(prompts.prompts.parts), (1,), generator=generator))
+    x, sigma, _ = noisy(sampling, source.draw(concept, generator)[None], generator)
+    context, pooled = prompts.prompts.encode(encoder, edit.rows(prompts.ids), [template])
+    with torch.no_grad():
+        original, original_pooled = prompts.prompts.encode(encoder, edit.rows(prompts.ids, edited=False), [template])
+    anchor, anchor_pooled = prompts.anchors[template]
+    return Sample(x, context, anchor, prompts.mask(template, context.shape[1]), sigma, pooled, anchor_pooled,
+                       concept, original, original_pooled)
