@@ -74,24 +74,29 @@ def shows_concept(original, clip, latents: torch.Tensor, prompt: str, anchor_pro
 
 
 def attack(original, patched, clip, latents: torch.Tensor, concept: str, anchor: str, config: InversionConfig,
-           init_text: str, seeds: list[int], progress=None) -> AttackResult:
+           init_text: str, seeds: list[int], progress=None, patched_clip=None) -> AttackResult:
     """Invert `latents` (the concept's images, model space) through `patched` from
     `init_text`, sample `config.templates[0]` with the recovered rows on `seeds`, and judge
-    those samples, and samples of the concept's own prompt through both models."""
+    those samples, and samples of the concept's own prompt through both models.
+
+    `patched_clip` is the text encoder the patched pipeline uses, where the patch edited it
+    (a 'token rows' patch): the attacker inverts and prompts through it, while the judge
+    and the original model read the original `clip`."""
+    attacked_clip = clip if patched_clip is None else patched_clip
     template = config.templates[0]
     prompt, anchor_prompt = template.format(concept), " ".join(template.format(anchor).split())
     if prompt == anchor_prompt:
         raise ValueError(f"the anchor {anchor!r} gives the concept's own prompt: name a different anchor")
-    inversion = invert(patched, clip, latents, init_text, config, progress)
+    inversion = invert(patched, attacked_clip, latents, init_text, config, progress)
     shape = tuple(latents.shape[1:])
     with torch.inference_mode(False), torch.no_grad():
-        encoders = TextEncoders(host.text_encoder_specs(clip))
-        recovered = Prompts(clip, (template,)).encode(encoders, inversion.vectors, [0])
+        encoders = TextEncoders(host.text_encoder_specs(attacked_clip))
+        recovered = Prompts(attacked_clip, (template,)).encode(encoders, inversion.vectors, [0])
         empty = encoders.empty()
     concept_cond, anchor_cond = host.encode_pooled(clip, prompt), host.encode_pooled(clip, anchor_prompt)
     samples = host.sample(patched, recovered, empty, seeds, shape)
-    plain = {name: host.sample(model, concept_cond, empty, seeds, shape)
-             for name, model in (("patched", patched), ("original", original))}
+    plain = {"patched": host.sample(patched, host.encode_pooled(attacked_clip, prompt), empty, seeds, shape),
+             "original": host.sample(original, concept_cond, empty, seeds, shape)}
 
     def rate(found: torch.Tensor) -> float:
         judged = judge(original, host.process_latent_in(original, found), concept_cond, anchor_cond, config.seed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..fmn_core import host
 from ..fmn_core.concepts import parse_concepts, parse_keep
 from ..fmn_core.loss_plot import loss_plot
-from ..fmn_core.patch import ForgetPatch, apply_patch
+from ..fmn_core.patch import ForgetPatch, apply_patch_with_clip
 from ..fmn_core.train import MODES, ForgetConfig, forget, latents_for_concepts
 from .memory_inputs import memory_inputs
 from .checkpoint_inputs import NO_RESUME, checkpoints, resume_input, resume_path, save_every_input
@@ -41,11 +41,13 @@ class ForgetTrain:
                    "receive (Forget-Me-Not attention re-steering) and by making their prompts denoise like the "
                    "same prompts with an anchor ('a person', 'an object', or nothing) in their place. Outputs the "
                    "patched model and a small patch that can be saved, shared and stacked like a LoRA.")
-    RETURN_TYPES = ("MODEL", "FORGET_PATCH", "IMAGE")
-    RETURN_NAMES = ("model", "patch", "loss_plot")
+    RETURN_TYPES = ("MODEL", "FORGET_PATCH", "IMAGE", "CLIP")
+    RETURN_NAMES = ("model", "patch", "loss_plot", "clip")
     OUTPUT_TOOLTIPS = ("The input model with the forget patch applied (the input itself is unchanged).",
                        "The forget patch: connect it to Save Forget Patch or Apply Forget Patch.",
-                       "The training loss per step and its smoothed trend: connect a Preview Image to see the run converge.")
+                       "The training loss per step and its smoothed trend: connect a Preview Image to see the run converge.",
+                       "The CLIP with the patch's text-encoder side applied (mode 'token rows'; the input CLIP itself "
+                       "in the other modes): encode prompts with it.")
     FUNCTION = "train"
 
     @classmethod
@@ -114,4 +116,5 @@ class ForgetTrain:
         result = forget(model, clip, parsed, config, latents, progress=host.Progress(steps),
                         checkpoints=checkpoints(FOLDER, save_every, checkpoint_name), resume=resume_path(FOLDER, resume_from))
         patch = ForgetPatch(result.lora, result.metadata)
-        return (apply_patch(model, patch, 1.0), patch, loss_plot(result.losses, "Forget Train"))
+        patched_model, patched_clip = apply_patch_with_clip(model, clip, patch, 1.0)
+        return (patched_model, patch, loss_plot(result.losses, "Forget Train"), patched_clip)

@@ -8,7 +8,7 @@ import folder_paths
 
 from ..fmn_core.files import inside, safe_filename
 from ..fmn_core.merge import PRESERVE_WEIGHT, merge_patches
-from ..fmn_core.patch import STRENGTH_RANGE, apply_patch, load_patch, save_patch, with_cover
+from ..fmn_core.patch import STRENGTH_RANGE, apply_patch_with_clip, load_patch, save_patch, with_cover
 
 FOLDER = "forget_patches"
 
@@ -28,9 +28,12 @@ def register_folder() -> None:
 
 class ApplyForgetPatch:
     CATEGORY = "Forget-Me-Not"
-    DESCRIPTION = "Applies a forget patch to a model. Chain several to forget several concepts; the input model is not changed."
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = ("The model with the patch applied.",)
+    DESCRIPTION = ("Applies a forget patch to a model (and, for a 'token rows' patch, to its CLIP). Chain several to "
+                   "forget several concepts; the inputs are not changed.")
+    RETURN_TYPES = ("MODEL", "CLIP")
+    OUTPUT_TOOLTIPS = ("The model with the patch applied.",
+                       "The CLIP with the patch's text-encoder side applied; the input CLIP itself when the patch has "
+                       "none (every mode but 'token rows').")
     FUNCTION = "apply"
 
     @classmethod
@@ -41,10 +44,13 @@ class ApplyForgetPatch:
             "patch": ("FORGET_PATCH", {"tooltip": "A patch from Forget Train or Load Forget Patch."}),
             "strength": ("FLOAT", {"default": 1.0, "min": low, "max": high, "step": 0.05,
                                    "tooltip": "1.0 applies the patch as trained; lower values forget less, 0 disables it."}),
+        }, "optional": {
+            "clip": ("CLIP", {"tooltip": "The model's text encoder: needed by 'token rows' patches, which edit it; "
+                                         "passed through unchanged by the others."}),
         }}
 
-    def apply(self, model, patch, strength):
-        return (apply_patch(model, patch, strength),)
+    def apply(self, model, patch, strength, clip=None):
+        return apply_patch_with_clip(model, clip, patch, strength)
 
 
 class LoadForgetPatch:

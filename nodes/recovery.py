@@ -33,7 +33,8 @@ class RecoveryAttack:
             "required": {
                 "original": ("MODEL", {"tooltip": "The model before forgetting: the judge."}),
                 "patched": ("MODEL", {"tooltip": "The model after forgetting: the one attacked."}),
-                "clip": ("CLIP", {"tooltip": "The text encoder of both models."}),
+                "clip": ("CLIP", {"tooltip": "The text encoder of the original model (and of the patched one, unless "
+                                             "patched_clip is connected)."}),
                 "concept": ("STRING", {"default": "Van Gogh | style", "tooltip": CONCEPT_TOOLTIP}),
                 "init_text": ("STRING", {"default": "thing", "tooltip": INIT_TOOLTIP}),
                 **settings_inputs(),
@@ -45,11 +46,14 @@ class RecoveryAttack:
                 "latent": ("LATENT", {"tooltip": "Already encoded images, instead of images + VAE."}),
                 "templates": ("STRING", {"multiline": True, "default": DEFAULT_TEMPLATE, "tooltip": TEMPLATE_TOOLTIP
                                          + " The first one is also what is sampled and judged."}),
+                "patched_clip": ("CLIP", {"tooltip": "The text encoder that goes with the patched model, where the "
+                                                     "patch edited it (mode 'token rows': Forget Train's clip output). "
+                                                     "Empty: clip."}),
             },
         }
 
     def attack(self, original, patched, clip, concept, init_text, num_tokens, steps, learning_rate, seed, samples,
-               images=None, vae=None, latent=None, templates=DEFAULT_TEMPLATE):
+               images=None, vae=None, latent=None, templates=DEFAULT_TEMPLATE, patched_clip=None):
         config = config_from(templates, num_tokens=num_tokens, steps=steps, learning_rate=learning_rate, seed=seed)
         config.validate()
         (line, *more) = parse_concepts(concept)
@@ -59,7 +63,7 @@ class RecoveryAttack:
         if latents is None:
             raise ValueError("Recovery Attack needs the concept's images (with a VAE) or a latent: connect one")
         result = attack(original, patched, clip, latents, line.text, line.anchor, config, init_text,
-                        [seed + i for i in range(samples)], progress=host.Progress(steps))
+                        [seed + i for i in range(samples)], progress=host.Progress(steps), patched_clip=patched_clip)
         report = (f"Recovery attack on {line.text!r} (judge: the original model, concept prompt against anchor "
                   f"{line.anchor!r})\n\n| samples of | judged to show the concept |\n|---|---|\n"
                   f"| the recovered tokens, patched model | {result.rate:.2f} |\n"

@@ -38,7 +38,8 @@ def sd1():
 def test_forget_train_leaves_the_input_model_untouched(sd1):
     model, clip = sd1
     state, before = host_state(model), sample(model, clip)
-    patched, patch, plot = run_train(model, clip)
+    patched, patch, plot, patched_clip = run_train(model, clip)
+    assert patched_clip is clip  # an aimed patch has no text-encoder side: the CLIP passes through
     assert host_state(model) == state
     assert torch.equal(sample(model, clip), before)
     assert not torch.equal(sample(patched, clip), before)
@@ -76,7 +77,7 @@ def test_images_need_a_vae(sd1):
 def test_training_from_latents_per_concept(sd1):
     model, clip = sd1
     latent = {"samples": torch.randn(4, 4, RESOLUTION // 8, RESOLUTION // 8, generator=torch.Generator().manual_seed(0))}
-    _, patch, _ = run_train(model, clip, "van gogh | style | images=0-1\nred fox | images=2-3", latent=latent)
+    _, patch, *_ = run_train(model, clip, "van gogh | style | images=0-1\nred fox | images=2-3", latent=latent)
     assert patch.concepts == ["van gogh", "red fox"]
     with pytest.raises(ValueError, match="asks for images 2-9 but only 4 were given"):
         run_train(model, clip, "red fox | images=2-9", latent=latent)
@@ -115,7 +116,7 @@ def test_chains_to_another_packs_attn2_replace(sd1):
     other = model.clone()
     for layer in host.attn2_layers(model):
         other.set_model_attn2_replace(other_pack, *layer.block[:2])
-    _, patch, _ = run_train(other, clip, steps=2)
+    _, patch, *_ = run_train(other, clip, steps=2)
     assert len(calls) >= 2 * 16
     ours = make_attn2_replace("x", lambda *a: None, other_pack)
     q, k, v = torch.randn(1, 4, 16), torch.randn(1, 3, 16), torch.randn(1, 3, 16)
@@ -151,7 +152,7 @@ def test_batch_masks_follow_the_host_head_order(sd1):
 
 
 def test_save_node_stays_in_its_folder_and_the_loader_lists_it(sd1, tmp_path):
-    _, patch, _ = run_train(*sd1, steps=2)
+    _, patch, *_ = run_train(*sd1, steps=2)
     folder_paths.folder_names_and_paths["forget_patches"] = ([str(tmp_path)], {".safetensors"})
     save = NODES["FMN_SaveForgetPatch"]()
     names = ["../../escape", "/etc/passwd", "CON", "a/b\\c", "x" * 300, "fine name.safetensors"]
@@ -167,3 +168,22 @@ def test_save_node_stays_in_its_folder_and_the_loader_lists_it(sd1, tmp_path):
     assert load_patch(tmp_path / "fine name.safetensors").concepts == ["van gogh"]
     with pytest.raises(ValueError, match="no usable characters"):
         save.save(patch, "..", False)
+
+
+def test_token_rows_mode_patches_the_clip_and_apply_needs_it(sd1):
+    """Mode 'token rows' leaves the UNet alone and edits the CLIP: Forget Train's clip
+    output, and Apply Forget Patch's when its clip input is connected; without it, a clear error."""
+    model, clip = sd1
+    clip_state = host_state(clip.patcher)
+    patched, patch, _, patched_clip = run_train(model, clip, steps=3, mode="token rows")
+    prompt, other = "a painting by van gogh", "a house by a lake"
+    assert patched.patches == {} and torch.equal(sample(patched, clip), sample(model, clip))
+    assert not torch.equal(host.encode(patched_clip, prompt), host.encode(clip, prompt))
+    assert torch.equal(host.encode(patched_clip, other), host.encode(clip, other))
+    apply = NODES["FMN_ApplyForgetPatch"]()
+    with torch.inference_mode():
+        _, applied_clip = apply.apply(model, patch, 1.0, clip=clip)
+    assert torch.equal(host.encode(applied_clip, prompt), host.encode(patched_clip, prompt))
+    assert host_state(clip.patcher) == clip_state
+    with pytest.raises(ValueError, match="connect the CLIP to Apply Forget Patch"):
+        apply.apply(model, patch, 1.0)

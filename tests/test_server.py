@@ -36,8 +36,9 @@ NODE_CONTRACT = {
          "batch_size": "INT", "resolution": "INT", "output_weight": "FLOAT", "keep": "STRING",
          "save_every": "INT", "checkpoint_name": "STRING", "resume_from": "COMBO", "precision": "COMBO",
          "gradient_checkpointing": "BOOLEAN", "warm_start": "BOOLEAN", "negative_guidance": "FLOAT"},
-        ["MODEL", "FORGET_PATCH", "IMAGE"], False),
-    "FMN_ApplyForgetPatch": ({"model": "MODEL", "patch": "FORGET_PATCH", "strength": "FLOAT"}, {}, ["MODEL"], False),
+        ["MODEL", "FORGET_PATCH", "IMAGE", "CLIP"], False),
+    "FMN_ApplyForgetPatch": ({"model": "MODEL", "patch": "FORGET_PATCH", "strength": "FLOAT"}, {"clip": "CLIP"},
+                             ["MODEL", "CLIP"], False),
     "FMN_LoadForgetPatch": ({"patch_name": "COMBO"}, {}, ["FORGET_PATCH"], False),
     "FMN_SaveForgetPatch": ({"patch": "FORGET_PATCH", "filename": "STRING", "overwrite": "BOOLEAN"}, {"cover": "IMAGE"}, [], True),
     "FMN_MergeForgetPatches": (
@@ -58,7 +59,7 @@ NODE_CONTRACT = {
     "FMN_RecoveryAttack": (
         {"original": "MODEL", "patched": "MODEL", "clip": "CLIP", "concept": "STRING", "init_text": "STRING",
          "num_tokens": "INT", "steps": "INT", "learning_rate": "FLOAT", "seed": "INT", "samples": "INT"},
-        {"images": "IMAGE", "vae": "VAE", "latent": "LATENT", "templates": "STRING"},
+        {"images": "IMAGE", "vae": "VAE", "latent": "LATENT", "templates": "STRING", "patched_clip": "CLIP"},
         ["FLOAT", "LATENT", "STRING"], True),
     "FMN_AttentionMapViewer": (
         {"model": "MODEL", "clip": "CLIP", "vae": "VAE", "prompt": "STRING", "words": "STRING", "seed": "INT", "steps": "INT",

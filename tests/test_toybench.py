@@ -298,3 +298,30 @@ def test_the_recovery_attack_node_measures_what_the_oracle_sees(toy, oracle_net)
              for name in ("patched", "original")}
     assert (rate > 0.5) == (seen > 0.5), (rate, seen, report)
     assert rates["original"] >= 0.75 and rates["patched"] <= 0.25, report
+
+
+def test_the_recovery_attack_reads_a_token_rows_patch_through_its_clip(toy):
+    """A 'token rows' patch leaves the UNet as it was and edits the CLIP: the attack node
+    samples the patched pipeline through `patched_clip` (there Captain Zorb's prompt no
+    longer shows him), while the judge reads the original CLIP. Handed the original CLIP
+    alone, the patched model is the original one and his prompt shows him."""
+    from fmn_pack.fmn_core import host
+    from fmn_pack.fmn_core.concepts import parse_concepts
+    from fmn_pack.fmn_core.patch import ForgetPatch, apply_patch_with_clip
+    from fmn_pack.fmn_core.train import ForgetConfig, forget
+    from fmn_pack.toybench import probes
+    mp, clip, vae = toy
+    node = NODE_CLASS_MAPPINGS["FMN_RecoveryAttack"]()
+    with torch.inference_mode():
+        latents = probes.concept_latents(mp, vae, "Captain Zorb")
+        result = forget(mp, clip, parse_concepts("Captain Zorb | identity"), ForgetConfig(resolution=32, mode="token rows"),
+                        {0: latents})
+        patched, patched_clip = apply_patch_with_clip(mp, clip, ForgetPatch(result.lora, result.metadata), 1.0)
+        latent = {"samples": host.process_latent_out(mp, latents)}
+        reports = {name: node.attack(mp, patched, clip, "Captain Zorb | identity", "person", 4, 5, 1e-2, 0, 8, latent=latent,
+                                     templates="a portrait of {}", **extra)["result"][2]
+                   for name, extra in (("with", {"patched_clip": patched_clip}), ("without", {}))}
+    rates = {(which, name): float(re.search(rf"\| the concept's prompt, {name} model \| ([0-9.]+) \|", report).group(1))
+             for which, report in reports.items() for name in ("patched", "original")}
+    assert rates["with", "original"] >= 0.75 and rates["without", "original"] >= 0.75, reports
+    assert rates["with", "patched"] <= 0.25 and rates["without", "patched"] >= 0.75, reports
