@@ -6,7 +6,10 @@ table that the concept's words look up are read by no other prompt: editing them
 every prompt without those words exactly as it was, bit for bit. The rows train with
 re-steering's own loss (`train.step_loss`: the attention on the concept's columns plus
 the output term with negative guidance), through the differentiable copy of the encoder
-that Concept Inversion uses (`text_encoder.py`), the UNet frozen.
+that Concept Inversion uses (`text_encoder.py`), the UNet frozen. With `warm_start` the
+rows start as the anchor's words ("a person", "an object"; Concept Inversion's
+`initial_rows` fits them to the concept's token count): on ToyBench that took star's
+residual from 0.42 to 0.28 and Captain Zorb's from 0.06 to 0.00.
 
 The edit is stored as a LoRA on each encoder's token-embedding weight under the host's
 generic `text_encoders.` LoRA keys: `up` holds one-hot columns that pick the rows and

@@ -27,7 +27,8 @@ WARM_START_TOOLTIP = ("Start from a closed-form edit of the keys and values (as 
                       "concept's tokens read as the anchor's) inside the aimed directions, then re-steer attention "
                       "as usual. On ToyBench it lifted the hardest concept (star) from H 0.86 to 0.91. It runs for up "
                       "to 3 concepts at once, or any number with a keep list (beyond that it moved the neighbours "
-                      "more than it helped). Aimed modes only; the other modes ignore it.")
+                      "more than it helped). Aimed modes, and 'token rows', whose rows then start from the "
+                      "anchor's words; the other modes ignore it.")
 NEGATIVE_GUIDANCE_TOOLTIP = ("How far the output term's target lies beyond the anchor, away from the concept (as ESD's "
                              "negative guidance): the anchor's prediction minus this times (the concept's prediction minus "
                              "the anchor's). 0 = the anchor's prediction itself. It also erases where a noisy image already "

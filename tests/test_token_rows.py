@@ -107,3 +107,16 @@ def test_sdxl_gets_one_edit_per_text_encoder():
     for prompt, same in ((PROMPTS_WITHOUT_CONCEPT[1], True), (f"a painting by {CONCEPT}", False)):
         (context, pooled), (edited, edited_pooled) = host.encode_pooled(clip, prompt), host.encode_pooled(patched_clip, prompt)
         assert torch.equal(context, edited) is same and torch.equal(pooled, edited_pooled) is same
+
+
+def test_the_warm_start_makes_the_words_read_as_the_anchor(sd1):
+    """With `warm_start` the rows start as the anchor's words ("red fox" as "an object"),
+    so before any real step the concept's prompt already encodes as the anchor's."""
+    model, clip = sd1
+    prompt, anchor = "a photo of red fox", host.encode(clip, "a photo of an object")
+    gaps = {}
+    for warm in (True, False):
+        patch = token_patch(model, clip, "red fox | object", steps=1, learning_rate=1e-6, warm_start=warm)
+        _, patched_clip = apply_patch_with_clip(model, clip, patch, 1.0)
+        gaps[warm] = float((host.encode(patched_clip, prompt) - anchor).abs().max())
+    assert gaps[True] < 0.01 < gaps[False], gaps
