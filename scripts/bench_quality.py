@@ -1,7 +1,8 @@
 """`make bench-quality`: how well forgetting works, measured on ToyBench.
 
 For each run (one concept, three concepts, a whole category, all but two) and each recipe (the pack's
-defaults and the paper's reference recipe), train a patch on the shipped toy model,
+defaults, earlier defaults, the paper's reference recipe and mode `token rows`, whose
+patch edits the text encoder and is sampled through the patched CLIP), train a patch on the shipped toy model,
 sample every prompt of the world on held-out seeds through the host's sampler, and let
 the oracle say what the images show:
 
@@ -41,8 +42,9 @@ concepts' single-concept patches. Recovery attack: every single-concept patch of
 recipe attacked by inversion from the generic word through the patched model, the oracle
 judging the recovered tokens' samples.
 
-Writes bench/quality.json and bench/QUALITY.md (the README's table). About an hour and a
-half on 2 CPU cores (95 min for the last full run, on a shared machine, before the all-but-two run was added). `--runs` picks runs by name,
+Writes bench/quality.json and bench/QUALITY.md (the README's table). About an hour and
+three quarters on 2 CPU cores (95 min for the last full run, on a shared machine, before the all-but-two run and
+the token-rows recipe were added; the token-rows runs alone take 14 min). `--runs` picks runs by name,
 `--recipe NAME=JSON` adds or overrides a recipe (ForgetConfig fields), to compare settings
 quickly.
 """
@@ -91,6 +93,8 @@ RECIPES = {
     "reference": {"mode": "reference", "output_weight": 0.0, "learning_rate": 2e-4, "steps": 100},
     "pack defaults + keep": {"keep": KEEP_REST},
     "no negative guidance + keep": {"keep": KEEP_REST, "negative_guidance": 0.0},
+    # the concepts' words' rows in the text encoder, the UNet untouched (fmn_core/token_rows.py)
+    "token rows": {"mode": "token rows"},
 }
 # "all but two": ten concepts forgotten in one run, one identity and one style kept, each
 # with neighbours of its own category forgotten beside it.
@@ -127,11 +131,11 @@ def harmonic(erased_after: float, kept: float) -> float:
     return 2 * a * b / (a + b) if a + b > 0 else 0.0
 
 
-def precise_erasure(toy_model, toy, oracle_net, forgotten: list[str]) -> float:
+def precise_erasure(toy_model, toy, oracle_net, forgotten: list[str], clip=None) -> float:
     """Mean detection of the forgotten concepts on their own prompts, SEEDS_PRECISE each."""
     from fmn_pack.toybench import world
     scenes = list({s.prompt: s for c in forgotten for s in world.scenes_for(c)}.values())
-    found = rates(toy_model, toy, oracle_net, (SEEDS_PRECISE, SEEDS_PRECISE), scenes)
+    found = rates(toy_model, toy, oracle_net, (SEEDS_PRECISE, SEEDS_PRECISE), scenes, clip)
     return sum(found[c] for c in forgotten) / len(forgotten)
 
 
@@ -156,7 +160,8 @@ def one_run(toy, lines: list[str], recipe: dict, seed: int, images_of: list[str]
     patch = fmn_patch.ForgetPatch(result.lora, result.metadata)
     with tempfile.TemporaryDirectory() as tmp:
         size = fmn_patch.save_patch(patch, Path(tmp) / "patch.safetensors").stat().st_size
-    return {"result": result, "patched": fmn_patch.apply_patch(mp, patch, 1.0), "seconds": seconds, "bytes": size}
+    patched, patched_clip = fmn_patch.apply_patch_with_clip(mp, clip, patch, 1.0)
+    return {"result": result, "patched": patched, "clip": patched_clip, "seconds": seconds, "bytes": size}
 
 
 FUSED = "pack defaults, fused singles"  # the recipe name of a run merged from its concepts' single patches
@@ -196,36 +201,38 @@ def recovery_attack(toy, oracle_net, trained: dict, seeds: list[int]) -> dict[st
     oracle's detection rate in samples of its template with the recovered tokens."""
     import torch
     from fmn_pack.toybench import probes, world
-    _, clip, vae = toy
+    vae = toy[2]
     out: dict[str, dict[str, float]] = {}
     with torch.inference_mode():
         for (run_name, recipe), run in trained.items():
             if run_name not in world.CONCEPTS:
                 continue
-            rate, _ = probes.recovery_rate(run["patched"], clip, vae, oracle_net, run_name, seeds, **probes.RECOVERY)
+            rate, _ = probes.recovery_rate(run["patched"], run["clip"], vae, oracle_net, run_name, seeds, **probes.RECOVERY)
             out.setdefault(run_name, {})[recipe] = round(rate, 3)
             print(f"recovery attack {run_name:14s} {recipe:14s} {rate:.2f}", flush=True)
     return out
 
 
-def precise_entry(toy, oracle_net, forgotten: list[str], patched, kept: float, base_cache: dict) -> dict:
+def precise_entry(toy, oracle_net, forgotten: list[str], run: dict, kept: float, base_cache: dict) -> dict:
     """`--precise-erasure`'s figures for one run; the original model's, once per set of forgotten concepts."""
     key = tuple(forgotten)
     if key not in base_cache:
         base_cache[key] = precise_erasure(toy[0], toy, oracle_net, forgotten)
-    after = precise_erasure(patched, toy, oracle_net, forgotten)
+    after = precise_erasure(run["patched"], toy, oracle_net, forgotten, run["clip"])
     h = harmonic(after, kept)
     print(f"    precise erasure ({len(SEEDS_PRECISE)} seeds): {base_cache[key]:.3f} -> {after:.3f}, H {h:.3f}", flush=True)
     return {"seeds": [SEEDS_PRECISE[0], SEEDS_PRECISE[-1]], "erased_before": round(base_cache[key], 4),
             "erased_after": round(after, 4), "H": round(h, 4)}
 
 
-def rates(toy_model, toy, oracle_net, seeds: tuple[list[int], list[int]], scenes: list | None = None) -> dict:
+def rates(toy_model, toy, oracle_net, seeds: tuple[list[int], list[int]], scenes: list | None = None,
+          clip=None) -> dict:
     """Detection per concept on `scenes` (default: every scene of the world); seeds = (per
-    portrait prompt, per object prompt)."""
+    portrait prompt, per object prompt); `clip`: a patched text encoder instead of the toy's."""
     import torch
     from fmn_pack.toybench import train as toy_train
-    _, clip, vae = toy
+    _, toy_clip, vae = toy
+    clip = toy_clip if clip is None else clip
     with torch.inference_mode():
         return toy_train.detection_rates(toy_model, clip, vae, oracle_net, *seeds, scenes=scenes)
 
@@ -250,6 +257,9 @@ def main(argv=None) -> None:
     ap.add_argument("--only-inversion", action="store_true",
                     help="re-measure only Concept Inversion and M-Score into the existing --out (the pack-defaults "
                          "patches of --runs are retrained with the same seed; the forgetting results are kept)")
+    ap.add_argument("--only-recovery", action="store_true",
+                    help="re-measure only the recovery attack on the single-concept patches of --runs and --recipes "
+                         "(retrained with the same seed) into the existing --out")
     ap.add_argument("--only-redirect", action="store_true",
                     help="measure only the redirects (REDIRECTS) into the existing --out")
     ap.add_argument("--only-anchor-floor", action="store_true",
@@ -279,6 +289,9 @@ def main(argv=None) -> None:
     if args.only_inversion:
         measured = {r: all_runs[r] for r in chosen}
         return remeasure_inversion(toy, oracle_net, measured, seeds[0], args.seed, Path(args.out))
+    if args.only_recovery:
+        return remeasure_recovery(toy, oracle_net, {r: all_runs[r] for r in chosen}, recipes, seeds[0], args.seed,
+                                  Path(args.out))
     if args.only_redirect:
         report = json.loads(Path(args.out).read_text())
         report["redirect"] = redirect_report(toy, oracle_net, seeds, args.seed, report["base"],
@@ -299,13 +312,13 @@ def main(argv=None) -> None:
             if recipe_name in MULTI_CONCEPT_ONLY and len(forgotten) == 1:
                 continue
             out = one_run(toy, lines, recipe, args.seed)
-            after = rates(out["patched"], toy, oracle_net, seeds)
+            after = rates(out["patched"], toy, oracle_net, seeds, clip=out["clip"])
             entry = {"run": run_name, "recipe": recipe_name, "settings": recipe, "concepts": forgotten,
                      "seconds_per_concept": round(out["seconds"] / len(forgotten), 2), "patch_bytes": out["bytes"],
                      "loss_first_last": [round(out["result"].losses[0], 4), round(out["result"].losses[-1], 4)],
                      **score(base, after, forgotten), "after": {k: round(v, 3) for k, v in after.items()}}
             if args.precise_erasure:
-                entry["precise"] = precise_entry(toy, oracle_net, forgotten, out["patched"], entry["kept"], precise_base)
+                entry["precise"] = precise_entry(toy, oracle_net, forgotten, out, entry["kept"], precise_base)
             results.append(entry)
             trained[run_name, recipe_name] = out
             print(f"{run_name:22s} {recipe_name:14s} erased {entry['erased_before']:.2f}->{entry['erased_after']:.2f} "
@@ -360,6 +373,18 @@ def merge_results(out: Path, new: dict, all_runs: dict) -> None:
                   merged=sorted({*report.get("merged", []), new["measured"]}))
     rewrite_report(report, out)
     print(f"merged {len(new['results'])} results into {out}")
+
+
+def remeasure_recovery(toy, oracle_net, chosen: dict, recipes: dict, seeds: list[int], seed: int, out: Path) -> None:
+    """`--only-recovery`: the recovery attack on these recipes' single-concept patches, put
+    into an existing report beside the other recipes' figures."""
+    from fmn_pack.toybench import world
+    report = json.loads(out.read_text())
+    trained = {(name, recipe): one_run(toy, lines, recipes[recipe], seed)
+               for name, lines in chosen.items() if name in world.CONCEPTS for recipe in recipes}
+    for concept, by_recipe in recovery_attack(toy, oracle_net, trained, seeds).items():
+        report.setdefault("recovery_attack", {}).setdefault(concept, {}).update(by_recipe)
+    rewrite_report(report, out)
 
 
 def remeasure_inversion(toy, oracle_net, all_runs: dict, seeds: list[int], seed: int, out: Path) -> None:
