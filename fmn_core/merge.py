@@ -15,9 +15,10 @@ preserve prompts' and kept concepts' rows. With second moments M the closed form
 
 Projections that read the image (`to_q`, `to_out`, in reference-recipe patches) cannot be
 fitted on text, so they are added. A text-encoder side ('token rows' patches: changes of
-their words' rows in the token table) is added exactly, by stacking the factors. The fused update is factored by SVD at the smallest
-rank that keeps all but `tolerance` of its energy, one rank for all layers: patches whose
-concepts share directions share rank, so the file grows less than the sum of its inputs.
+their words' rows in the token table) is added exactly, by stacking the factors. The
+fused update is factored by SVD at the smallest rank that keeps all but `tolerance` of its
+energy, one rank for all layers: patches whose concepts share directions share rank, so
+the file grows less than the sum of its inputs.
 """
 from __future__ import annotations
 

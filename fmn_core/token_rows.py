@@ -37,6 +37,7 @@ from .train import ForgetConfig, ForgetResult, LatentSource, Sample, describe, s
 
 log = logging.getLogger(__name__)
 
+
 def word_ids(clip, concept: Concept) -> list[int]:
     """The token ids of a concept's words; an `embedding:` concept has no rows to edit."""
     special = SpecialTokens(**host.special_tokens(clip))
@@ -188,4 +189,4 @@ def _sample(prompts: ConceptPrompts, concept: int, edit: RowEdit, encoder: TextE
         original, original_pooled = prompts.prompts.encode(encoder, edit.rows(prompts.ids, edited=False), [template])
     anchor, anchor_pooled = prompts.anchors[template]
     return Sample(x, context, anchor, prompts.mask(template, context.shape[1]), sigma, pooled, anchor_pooled,
-                       concept, original, original_pooled)
+                  concept, original, original_pooled)
