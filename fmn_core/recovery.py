@@ -95,7 +95,8 @@ def attack(original, patched, clip, latents: torch.Tensor, concept: str, anchor:
         empty = encoders.empty()
     concept_cond, anchor_cond = host.encode_pooled(clip, prompt), host.encode_pooled(clip, anchor_prompt)
     samples = host.sample(patched, recovered, empty, seeds, shape)
-    plain = {"patched": host.sample(patched, host.encode_pooled(attacked_clip, prompt), empty, seeds, shape),
+    patched_cond = concept_cond if patched_clip is None else host.encode_pooled(patched_clip, prompt)
+    plain = {"patched": host.sample(patched, patched_cond, empty, seeds, shape),
              "original": host.sample(original, concept_cond, empty, seeds, shape)}
 
     def rate(found: torch.Tensor) -> float:

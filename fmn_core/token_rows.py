@@ -32,8 +32,9 @@ from .latents import noisy
 from .lora import token_table_name
 from .memory import Precision, checkpointed
 from .text_encoder import TextEncoders
-from .tokens import SpecialTokens, content_tokens
-from .train import ForgetConfig, ForgetResult, LatentSource, Sample, describe, step_loss
+from .tokens import SpecialTokens, column_mask, content_tokens
+from .train import (ForgetConfig, ForgetResult, LatentSource, Sample, check_finite, check_finite_tensors, describe,
+                    step_loss)
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,12 @@ def word_ids(clip, concept: Concept) -> list[int]:
     return [int(t) for t in tokens]
 
 
-def check_keep(clip, concepts: list[Concept], keep: tuple[str, ...]) -> None:
-    """A kept concept is left exactly as it was unless it shares a word with a forgotten
-    one: then the edit would change it too, so say so before training."""
+def check_keep(clip, concepts: list[Concept], per_concept: list[list[int]], keep: tuple[str, ...]) -> None:
+    """A kept concept is left exactly as it was unless it shares a word (`per_concept`: each
+    concept's `word_ids`) with a forgotten one: then the edit would change it too, so say
+    so before training."""
     special = SpecialTokens(**host.special_tokens(clip))
-    edited = {t: c.text for c in concepts for t in word_ids(clip, c)}
+    edited = {t: c.text for c, ids in zip(concepts, per_concept) for t in ids}
     for kept in keep:
         shared = [t for t in content_tokens(host.tokenize(clip, kept), special) if isinstance(t, int) and t in edited]
         if shared:
@@ -107,11 +109,16 @@ class RowEdit(torch.nn.Module):
 
 class ConceptPrompts:
     """One concept's training prompts: its templates split around the concept, its
-    words' ids, and the anchor prompts' contexts (the teacher's target)."""
+    words' ids, and the contexts the teacher reads: each template as the original encoder
+    encodes it (for negative guidance) and its anchor prompt (the target)."""
 
-    def __init__(self, clip, concept: Concept, ids: list[int], include_end: bool):
+    def __init__(self, clip, concept: Concept, ids: list[int], include_end: bool, encoder: TextEncoders,
+                 edit: RowEdit):
         self.ids = ids
         self.prompts = Prompts(clip, concept.templates)
+        with torch.no_grad():
+            rows = edit.rows(ids, edited=False)
+            self.originals = [self.prompts.encode(encoder, rows, [t]) for t in range(len(self.prompts.parts))]
         self.anchors = [host.encode_pooled(clip, prompt) for prompt in concept.anchor_prompts()]
         self.include_end = include_end
 
@@ -122,16 +129,13 @@ class ConceptPrompts:
         columns = list(range(first, first + len(self.ids)))
         if self.include_end:
             columns.append(first + len(self.ids) + len(after))
-        mask = torch.zeros(1, length)
-        mask[0, columns] = 1.0
-        return mask
+        return column_mask(columns, length)[None]
 
 
 def forget_token_rows(patcher, clip, concepts: list[Concept], config: ForgetConfig,
                       latents: dict[int, torch.Tensor] | None = None, progress=None) -> ForgetResult:
     """Train the concepts' word rows and return a patch whose LoRA edits only the text
     encoder; `patcher` and `clip` are untouched."""
-    check_keep(clip, concepts, config.keep)
     generator = torch.Generator().manual_seed(config.seed)
     device = host.device()
     channels = patcher.model.diffusion_model.in_channels
@@ -143,8 +147,10 @@ def forget_token_rows(patcher, clip, concepts: list[Concept], config: ForgetConf
     with torch.inference_mode(False):
         encoder = TextEncoders(host.text_encoder_specs(clip))
         per_concept = [word_ids(clip, c) for c in concepts]
+        check_keep(clip, concepts, per_concept, config.keep)
         edit = RowEdit(encoder, sorted({t for ids in per_concept for t in ids}))
-        prompts = [ConceptPrompts(clip, c, ids, config.include_end_token) for c, ids in zip(concepts, per_concept)]
+        prompts = [ConceptPrompts(clip, c, ids, config.include_end_token, encoder, edit)
+                   for c, ids in zip(concepts, per_concept)]
         if config.warm_start:
             for concept, ids in zip(concepts, per_concept):
                 if concept.anchor.strip():
@@ -165,15 +171,14 @@ def forget_token_rows(patcher, clip, concepts: list[Concept], config: ForgetConf
                     loss = step_loss(unet, sink, batch, {}, config.output_weight, config.negative_guidance, device)
                 optimizer.zero_grad(set_to_none=True)
                 precision.backward(loss)
-                precision.unscale_and_clip(optimizer, [edit.change], config.max_grad_norm)
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"Forget Train diverged at step {step + 1} (loss {float(loss)}): no patch was "
-                                       "produced; lower learning_rate or steps")
+                grad_norm = precision.unscale_and_clip(optimizer, [edit.change], config.max_grad_norm)
+                check_finite(step, loss, grad_norm, precision.scaling)
                 precision.step(optimizer)
                 losses.append(float(loss.detach()))
                 if progress is not None:
                     progress.step()
         lora = edit.export(encoder)
+    check_finite_tensors(lora)
     log.info("Forget-Me-Not (token rows): %d steps, loss %.4f -> %.4f", config.steps, losses[0], losses[-1])
     return ForgetResult(lora, describe(patcher, layers, concepts, config, len(edit.ids), losses), losses)
 
@@ -181,12 +186,11 @@ def forget_token_rows(patcher, clip, concepts: list[Concept], config: ForgetConf
 def _sample(prompts: ConceptPrompts, concept: int, edit: RowEdit, encoder: TextEncoders, source: LatentSource,
             sampling, generator: torch.Generator) -> Sample:
     """One training sample: a random template of the concept, encoded with the edited rows
-    (the student's context, differentiable) and with the original ones (the teacher's)."""
+    (the student's context, differentiable), beside the teacher's contexts."""
     template = int(torch.randint(len(prompts.prompts.parts), (1,), generator=generator))
     x, sigma, _ = noisy(sampling, source.draw(concept, generator)[None], generator)
     context, pooled = prompts.prompts.encode(encoder, edit.rows(prompts.ids), [template])
-    with torch.no_grad():
-        original, original_pooled = prompts.prompts.encode(encoder, edit.rows(prompts.ids, edited=False), [template])
+    original, original_pooled = prompts.originals[template]
     anchor, anchor_pooled = prompts.anchors[template]
     return Sample(x, context, anchor, prompts.mask(template, context.shape[1]), sigma, pooled, anchor_pooled,
                   concept, original, original_pooled)

@@ -444,7 +444,7 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
                 optimizer.zero_grad(set_to_none=True)
                 precision.backward(loss)
                 grad_norm = precision.unscale_and_clip(optimizer, params, config.max_grad_norm)
-                _check_finite(step, loss, grad_norm, precision.scaling)
+                check_finite(step, loss, grad_norm, precision.scaling)
                 _activate(optimizer, owners, batch)
                 precision.step(optimizer)
                 losses.append(float(loss.detach()))
@@ -458,7 +458,7 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
             p.requires_grad_(False)
 
     lora = export_kohya(deltas)
-    _check_finite_tensors(lora)
+    check_finite_tensors(lora)
     metadata = describe(patcher, layers, concepts, config, rank, losses)
     log.info("Forget-Me-Not: %d steps, loss %.4f -> %.4f", config.steps, losses[0], losses[-1])
     return ForgetResult(lora, metadata, losses)
@@ -485,7 +485,7 @@ def _write_checkpoint(path: Path, deltas: dict[str, LowRankDelta], patcher, laye
                       config: ForgetConfig, rank: int, settings: dict, state: TrainingState) -> None:
     """The patch as it stands after `config.steps` steps, and the state to resume from it."""
     lora = export_kohya(deltas)
-    _check_finite_tensors(lora)
+    check_finite_tensors(lora)
     save_patch(ForgetPatch(lora, describe(patcher, layers, concepts, config, rank, state.losses)), path)
     save_state(state_path(path), state, settings)
 
@@ -571,7 +571,7 @@ def _draw(examples: list[Example], source: LatentSource, sampling, generator: to
                   example.concept, example.context, example.pooled)
 
 
-def _check_finite(step: int, loss: torch.Tensor, grad_norm: torch.Tensor, scaling: bool = False) -> None:
+def check_finite(step: int, loss: torch.Tensor, grad_norm: torch.Tensor, scaling: bool = False) -> None:
     """A non-finite loss, or gradient norm (unless fp16 loss scaling skips such steps), ends the run."""
     if not torch.isfinite(loss) or not (scaling or torch.isfinite(grad_norm)):
         raise RuntimeError(
@@ -580,7 +580,7 @@ def _check_finite(step: int, loss: torch.Tensor, grad_norm: torch.Tensor, scalin
         )
 
 
-def _check_finite_tensors(lora: dict[str, torch.Tensor]) -> None:
+def check_finite_tensors(lora: dict[str, torch.Tensor]) -> None:
     bad = [k for k, v in lora.items() if not torch.isfinite(v).all()]
     if bad:
         raise RuntimeError(f"Forget Train produced non-finite weights in {len(bad)} tensors (e.g. {bad[0]}): "
