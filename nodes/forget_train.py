@@ -5,6 +5,7 @@ from ..fmn_core import host
 from ..fmn_core.concepts import parse_concepts, parse_keep
 from ..fmn_core.loss_plot import loss_plot
 from ..fmn_core.patch import ForgetPatch, apply_patch_with_clip
+from ..fmn_core.token_rows import OUTPUT_SCALE
 from ..fmn_core.train import MODES, ForgetConfig, forget, latents_for_concepts
 from .memory_inputs import memory_inputs
 from .checkpoint_inputs import NO_RESUME, checkpoints, resume_input, resume_path, save_every_input
@@ -79,7 +80,9 @@ class ForgetTrain:
                                        "tooltip": "Pixel size of the noise latents used when no images are given."}),
                 "output_weight": ("FLOAT", {"default": DEFAULTS.output_weight, "min": 0.0, "max": 1000.0, "step": 0.5,
                                             "tooltip": "Weight of the output term: the concept's prompts should denoise like the same "
-                                                       "prompts with the anchor in its place. 0 = the paper's attention loss alone."}),
+                                                       "prompts with the anchor in its place. 0 = the paper's attention loss alone. "
+                                                       f"Mode 'token rows' weighs it {OUTPUT_SCALE:g} times as much (the output "
+                                                       "term leads there)."}),
                 "keep": ("STRING", {"multiline": True, "default": "", "tooltip": KEEP_TOOLTIP}),
                 "save_every": save_every_input("patch", FOLDER),
                 "checkpoint_name": ("STRING", {"default": "forget_checkpoint",
