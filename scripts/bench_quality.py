@@ -277,6 +277,9 @@ def main(argv=None) -> None:
     for item in args.recipe:
         name, _, spec = item.partition("=")
         recipes[name] = json.loads(spec)
+    if not recipes and not (args.only_inversion or args.only_anchor_floor):
+        raise SystemExit("no recipe chosen: --only-recipes runs only the --recipe NAME=JSON ones; "
+                         f"--recipes names from {list(RECIPES)}")
     all_runs = runs(world)
     chosen = args.runs or list(all_runs)
     unknown = [r for r in chosen if r not in all_runs]
