@@ -79,7 +79,10 @@ REDIRECTS = (("star", "object", "a ring", "ring"), ("Captain Zorb", "identity", 
              ("zebra", "style", "checkers", "checkers"))
 # The README's redirect settings: the output term must pull the concept's prompts all the
 # way to the replacement (the defaults, 150 steps at weight 10, reached 0.64 / 0.06 / 0.70).
-REDIRECT_RECIPE = {"output_weight": 100.0, "steps": 400, "learning_rate": 0.05}
+# Mode `token rows` redirects at its defaults: its warm start already reads the concept's
+# words as the replacement's.
+REDIRECT_RECIPES = {"output weight 100, 400 steps, lr 0.05": {"output_weight": 100.0, "steps": 400, "learning_rate": 0.05},
+                    "token rows": {"mode": "token rows"}}
 # The paper's recipe (METHOD.md): its loss alone, every attn2 weight trained whole. Its
 # lr (2e-6 on SD2.1, 2e-5 in the SD1.5 reuse) barely moves the toy model (Captain Zorb
 # stayed fully detected at 2e-5 on an earlier build), so it is scaled x10; its 35 steps
@@ -297,8 +300,8 @@ def main(argv=None) -> None:
                                   Path(args.out))
     if args.only_redirect:
         report = json.loads(Path(args.out).read_text())
-        report["redirect"] = redirect_report(toy, oracle_net, seeds, args.seed, report["base"],
-                                             next(iter(recipes.values()), None) if args.only_recipes else None)
+        report.setdefault("redirect", {}).update(redirect_report(toy, oracle_net, seeds, args.seed, report["base"],
+                                                                 recipes if args.only_recipes else REDIRECT_RECIPES))
         return rewrite_report(report, Path(args.out))
     if args.only_anchor_floor:
         report = json.loads(Path(args.out).read_text())
@@ -338,7 +341,7 @@ def main(argv=None) -> None:
         report["inversion"] = inversion_report(toy, oracle_net, patched_models, all_runs, seeds[0])
         report["recovery_attack"] = recovery_attack(toy, oracle_net, trained, seeds[0])
     report["anchor_floor"] = anchor_floor(toy, oracle_net, seeds[0])
-    report["redirect"] = redirect_report(toy, oracle_net, seeds, args.seed, report["base"])
+    report["redirect"] = redirect_report(toy, oracle_net, seeds, args.seed, report["base"], REDIRECT_RECIPES)
     write_report(report, Path(args.out), table=not args.runs and not args.only_recipes)
     print(f"wrote {args.out} ({time.perf_counter() - t0:.0f}s)")
 
@@ -426,24 +429,25 @@ def anchor_floor(toy, oracle_net, seeds: list[int]) -> dict[str, dict[str, float
 
 
 def redirect_report(toy, oracle_net, seeds: tuple[list[int], list[int]], seed: int, base: dict,
-                    recipe: dict | None = None) -> dict[str, dict]:
-    """Each REDIRECTS line trained with the replacement's images (`recipe`'s ForgetConfig
-    fields, default REDIRECT_RECIPE); detection of the replacement and of the concept on
-    every prompt that names the concept, and the other concepts' detection after / before
+                    recipes: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    """Recipe name -> each REDIRECTS line trained with the replacement's images (the
+    recipe's ForgetConfig fields); detection of the replacement and of the concept on every
+    prompt that names the concept, and the other concepts' detection after / before
     (`base`) on their own prompts."""
     from fmn_pack.toybench import world
-    recipe = REDIRECT_RECIPE if recipe is None else recipe
     out = {}
-    for concept, category, anchor, replacement in REDIRECTS:
-        line = f"{concept} | {category} | anchor={anchor}"
-        run = one_run(toy, [line], recipe, seed, images_of=[replacement])
-        scenes = [Probe(s.prompt, (concept, replacement), bool(s.identity)) for s in world.scenes_for(concept)]
-        seen = rates(run["patched"], toy, oracle_net, seeds, scenes)
-        kept = score(base, rates(run["patched"], toy, oracle_net, seeds), [concept, replacement])["kept"]
-        out[line] = {"replacement": replacement, "replacement_detected": round(seen[replacement], 3),
-                     "concept_detected": round(seen[concept], 3), "kept": round(kept, 3), "prompts": len(scenes),
-                     "seconds": round(run["seconds"], 1), "settings": recipe}
-        print(f"redirect {line!r}: {json.dumps(out[line])}", flush=True)
+    for name, recipe in recipes.items():
+        for concept, category, anchor, replacement in REDIRECTS:
+            line = f"{concept} | {category} | anchor={anchor}"
+            run = one_run(toy, [line], recipe, seed, images_of=[replacement])
+            scenes = [Probe(s.prompt, (concept, replacement), bool(s.identity)) for s in world.scenes_for(concept)]
+            seen = rates(run["patched"], toy, oracle_net, seeds, scenes, run["clip"])
+            kept = score(base, rates(run["patched"], toy, oracle_net, seeds, clip=run["clip"]), [concept, replacement])["kept"]
+            out.setdefault(name, {})[line] = {
+                "replacement": replacement, "replacement_detected": round(seen[replacement], 3),
+                "concept_detected": round(seen[concept], 3), "kept": round(kept, 3), "prompts": len(scenes),
+                "seconds": round(run["seconds"], 1), "settings": recipe}
+            print(f"redirect ({name}) {line!r}: {json.dumps(out[name][line])}", flush=True)
     return out
 
 
@@ -526,10 +530,11 @@ def markdown(report: dict) -> str:
                  + " | ".join(f"{by_recipe[r]:.2f}" for r in recipes) + " |" for concept, by_recipe in attack.items()]
     redirects = report.get("redirect")
     if redirects:
-        rows += ["", "| redirect (the replacement's images; output weight 100, 400 steps, lr 0.05) | replacement seen | "
-                 "concept still seen | others kept | s |", "|---|---|---|---|---|"]
-        rows += [f"| `{line.replace('|', chr(92) + '|')}` | {r['replacement_detected']:.2f} | {r['concept_detected']:.2f} | {r['kept']:.3f} | {r['seconds']:.0f} |"
-                 for line, r in redirects.items()]
+        rows += ["", "| redirect (the replacement's images) | recipe | replacement seen | concept still seen | others kept | s |",
+                 "|---|---|---|---|---|---|"]
+        rows += [f"| `{line.replace('|', chr(92) + '|')}` | {name} | {r['replacement_detected']:.2f} | "
+                 f"{r['concept_detected']:.2f} | {r['kept']:.3f} | {r['seconds']:.0f} |"
+                 for name, by_line in redirects.items() for line, r in by_line.items()]
     floor = report.get("anchor_floor")
     if floor:
         objects = list(next(iter(floor.values())))
