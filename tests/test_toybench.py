@@ -227,6 +227,26 @@ def test_a_keep_list_holds_the_original_output_on_kept_prompts(toy):
     assert drift[("neon", "zebra")] < 0.7 * drift[()], drift
 
 
+def star_left(toy, oracle_net, configs: dict[str, object]) -> dict[str, float]:
+    """Per ForgetConfig: the share of star's prompts' samples (the report's 48 seeds per
+    prompt) that still show a star through the patched model and CLIP."""
+    from fmn_pack.fmn_core import host
+    from fmn_pack.fmn_core.concepts import parse_concepts
+    from fmn_pack.fmn_core.train import forget
+    from fmn_pack.toybench import probes
+    mp, clip, vae = toy
+    scenes = [s for s in world.all_scenes() if "star" in s.concepts]
+    seeds = list(range(9100, 9148))
+    left = {}
+    with torch.inference_mode():
+        latents = {0: probes.concept_latents(mp, vae, "star")}
+        for name, config in configs.items():
+            result = forget(mp, clip, parse_concepts("star | object"), config, latents)
+            patched, patched_clip = host.apply_lora(mp, result.lora, 1.0, clip)
+            left[name] = train.detection_rates(patched, patched_clip, vae, oracle_net, seeds, seeds, scenes=scenes)["star"]
+    return left
+
+
 def test_negative_guidance_erases_the_residual_the_anchor_target_leaves(toy, oracle_net):
     """star, the concept the anchor target alone leaves most of (0.118 of its prompts'
     samples on 48 held-out seeds each in bench/quality.json, 0.021 with the default negative
@@ -234,23 +254,11 @@ def test_negative_guidance_erases_the_residual_the_anchor_target_leaves(toy, ora
     keeps it, and only a target pushed past the anchor takes it out. Read on the report's
     48 seeds per prompt: on 16 (6000-6015, 96 samples) the two read 0.042 and 0.021, too
     few samples to tell them apart."""
-    from fmn_pack.fmn_core import host
-    from fmn_pack.fmn_core.concepts import parse_concepts
-    from fmn_pack.fmn_core.train import ForgetConfig, forget
-    from fmn_pack.toybench import probes
-    mp, clip, vae = toy
-    scenes = [s for s in world.all_scenes() if "star" in s.concepts]
-    seeds = list(range(9100, 9148))
+    from fmn_pack.fmn_core.train import ForgetConfig
     guided = ForgetConfig().negative_guidance
-    left = {}
-    with torch.inference_mode():
-        latents = {0: probes.concept_latents(mp, vae, "star")}
-        for guidance in (0.0, guided):
-            config = ForgetConfig(resolution=32, negative_guidance=guidance)
-            patched = host.apply_lora(mp, forget(mp, clip, parse_concepts("star | object"), config, latents).lora, 1.0)
-            left[guidance] = train.detection_rates(patched, clip, vae, oracle_net, seeds, seeds, scenes=scenes)["star"]
-    assert guided > 0 and left[guided] <= 0.05 and left[0.0] >= left[guided] + 0.05, left
-
+    left = star_left(toy, oracle_net, {"anchor": ForgetConfig(resolution=32, negative_guidance=0.0),
+                                       "guided": ForgetConfig(resolution=32, negative_guidance=guided)})
+    assert guided > 0 and left["guided"] <= 0.05 and left["anchor"] >= left["guided"] + 0.05, left
 
 
 def test_token_rows_erase_star_with_the_output_term_leading(toy, oracle_net):
@@ -259,24 +267,14 @@ def test_token_rows_erase_star_with_the_output_term_leading(toy, oracle_net):
     UNet still reads as a star (0.28 of its prompts' samples on bench/quality.json's 36,
     against 0.03 with the output term leading). Read on the report's 48 seeds per prompt,
     where the two read 0.36 and 0.02."""
-    from fmn_pack.fmn_core import host
-    from fmn_pack.fmn_core.concepts import parse_concepts
     from fmn_pack.fmn_core.token_rows import OUTPUT_SCALE
-    from fmn_pack.fmn_core.train import ForgetConfig, forget
-    from fmn_pack.toybench import probes
-    mp, clip, vae = toy
-    scenes = [s for s in world.all_scenes() if "star" in s.concepts]
-    seeds = list(range(9100, 9148))
+    from fmn_pack.fmn_core.train import ForgetConfig
     weight = ForgetConfig().output_weight
-    left = {}
-    with torch.inference_mode():
-        latents = {0: probes.concept_latents(mp, vae, "star")}
-        for balance, output_weight in (("rows", weight), ("unet modes", weight / OUTPUT_SCALE)):
-            config = ForgetConfig(resolution=32, mode="token rows", output_weight=output_weight)
-            result = forget(mp, clip, parse_concepts("star | object"), config, latents)
-            _, patched_clip = host.apply_lora(mp, result.lora, 1.0, clip)
-            left[balance] = train.detection_rates(mp, patched_clip, vae, oracle_net, seeds, seeds, scenes=scenes)["star"]
+    left = star_left(toy, oracle_net, {
+        balance: ForgetConfig(resolution=32, mode="token rows", output_weight=output_weight)
+        for balance, output_weight in (("rows", weight), ("unet modes", weight / OUTPUT_SCALE))})
     assert OUTPUT_SCALE > 1 and left["rows"] <= 0.05 and left["unet modes"] >= left["rows"] + 0.1, left
+
 
 def test_the_recovery_judge_agrees_with_the_oracle(toy, oracle_net):
     """The Recovery Attack's judge (the original model as a diffusion classifier, the
