@@ -177,7 +177,7 @@ def test_every_node_explains_itself_in_the_ui(object_info: dict) -> None:
 
 def test_workflows_are_served_as_templates(server: ComfyServer) -> None:
     assert sorted(server.get("/workflow_templates")[PACK_DIR_NAME]) == ["attention_maps", "forget_concept", "forget_many", "mscore", "remove_nsfw",
-                                                                     "stack_patches", "toybench_forget"]
+                                                                     "stack_patches", "toybench_forget", "toybench_token_rows"]
     served = server.get(f"/api/workflow_templates/{PACK_DIR_NAME}/forget_concept.json")
     assert served == load_workflow("forget_concept")
 
@@ -329,6 +329,17 @@ def test_toybench_workflow_forgets_captain_zorb(server: ComfyServer, object_info
     assert len(images["Before"]) == len(images["After"]) == 8
     assert rates["Before"] >= 0.75 and rates["After"] <= 0.25, rates
 
+
+
+def test_token_rows_workflow_forgets_the_star_through_the_patched_clip(server: ComfyServer, object_info: dict) -> None:
+    """The shipped token-rows workflow as a user queues it: the After sampler reads its
+    prompt through Forget Train's clip output; in 'a star in the style of neon' the oracle
+    sees the star before and not after, and neon in both."""
+    prompt = ui_to_api(load_workflow("toybench_token_rows"), object_info)
+    assert prompt["5"]["inputs"]["mode"] == "token rows" and prompt["14"]["inputs"]["clip"] == ["5", 3]
+    rates = oracle_rates(saved_images(server, server.run_prompt(prompt, PROMPT_TIMEOUT_S), prompt), ("star", "neon"))
+    assert rates["Before"]["star"] >= 0.75 and rates["After"]["star"] <= 0.25, rates
+    assert rates["Before"]["neon"] >= 0.75 and rates["After"]["neon"] >= 0.75, rates
 
 def oracle_rates(images: dict[str, list[Path]], concepts: tuple[str, ...]) -> dict[str, dict[str, float]]:
     """Per SaveImage title, the share of its images in which the ToyBench oracle sees each concept."""
