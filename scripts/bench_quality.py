@@ -29,7 +29,7 @@ the original model already draws each object for the object anchor's prompts.
   be set beside the kept ones').
 
 Redirect (the paper's concept correction): a concept forgotten with `| anchor=<another
-concept>` and the other concept's images, the pack's defaults otherwise; the share of the
+concept>` and the other concept's images, with each of REDIRECT_RECIPES; the share of the
 forgotten concept's prompts (all of them, held-out seeds) in which the oracle sees the
 replacement, and in which it still sees the concept.
 
