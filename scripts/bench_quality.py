@@ -167,35 +167,40 @@ def one_run(toy, lines: list[str], recipe: dict, seed: int, images_of: list[str]
     return {"result": result, "patched": patched, "clip": patched_clip, "seconds": seconds, "bytes": size}
 
 
-FUSED = "pack defaults, fused singles"  # the recipe name of a run merged from its concepts' single patches
+FUSED_FROM = ("pack defaults", "token rows")  # recipes whose single patches are also merged into each multi-concept run
+FUSED = tuple(f"{recipe}, fused singles" for recipe in FUSED_FROM)  # the merged runs' recipe names
 
 
 def fused_results(toy, oracle_net, trained: dict, all_runs: dict, base: dict, seeds) -> list[dict]:
     """Every multi-concept run again as one patch merged (FMN_MergeForgetPatches) from its
-    concepts' single-concept pack-defaults patches, where all of those were trained; its
-    seconds per concept count the single runs' training and the merge."""
+    concepts' single-concept patches of each FUSED_FROM recipe, where all of those were
+    trained; its seconds per concept count the single runs' training and the merge."""
+    return [entry for recipe, name in zip(FUSED_FROM, FUSED) for run_name, lines in all_runs.items()
+            if (entry := fused_run(toy, oracle_net, [trained.get((line.split("|")[0].strip(), recipe)) for line in lines],
+                                   run_name, name, base, seeds))]
+
+
+def fused_run(toy, oracle_net, singles: list[dict | None], run_name: str, name: str, base: dict, seeds) -> dict | None:
+    """One run as the merge of its concepts' single patches (None unless there are two or more, all trained)."""
     from fmn_pack.fmn_core import patch as fmn_patch
     from fmn_pack.fmn_core.merge import merge_patches
     mp, clip, _ = toy
-    out = []
-    for run_name, lines in all_runs.items():
-        singles = [trained.get((line.split("|")[0].strip(), "pack defaults")) for line in lines]
-        if len(lines) < 2 or None in singles:
-            continue
-        started = time.perf_counter()
-        fused = merge_patches(clip, [fmn_patch.ForgetPatch(s["result"].lora, s["result"].metadata) for s in singles])
-        seconds = time.perf_counter() - started + sum(s["seconds"] for s in singles)
-        with tempfile.TemporaryDirectory() as tmp:
-            size = fmn_patch.save_patch(fused, Path(tmp) / "fused.safetensors").stat().st_size
-        forgotten = fused.concepts
-        after = rates(fmn_patch.apply_patch(mp, fused, 1.0), toy, oracle_net, seeds)
-        entry = {"run": run_name, "recipe": FUSED, "settings": {"merged": forgotten, "rank": fused.metadata["fmn.rank"]},
-                 "concepts": forgotten, "seconds_per_concept": round(seconds / len(forgotten), 2), "patch_bytes": size,
-                 **score(base, after, forgotten), "after": {k: round(v, 3) for k, v in after.items()}}
-        out.append(entry)
-        print(f"{run_name:22s} {FUSED} erased {entry['erased_before']:.2f}->{entry['erased_after']:.2f} "
-              f"kept {entry['kept']:.3f} H {entry['H']:.3f} ({size:,} B, rank {fused.metadata['fmn.rank']})", flush=True)
-    return out
+    if len(singles) < 2 or None in singles:
+        return None
+    started = time.perf_counter()
+    fused = merge_patches(clip, [fmn_patch.ForgetPatch(s["result"].lora, s["result"].metadata) for s in singles])
+    seconds = time.perf_counter() - started + sum(s["seconds"] for s in singles)
+    with tempfile.TemporaryDirectory() as tmp:
+        size = fmn_patch.save_patch(fused, Path(tmp) / "fused.safetensors").stat().st_size
+    forgotten = fused.concepts
+    patched, patched_clip = fmn_patch.apply_patch_with_clip(mp, clip, fused, 1.0)
+    after = rates(patched, toy, oracle_net, seeds, clip=patched_clip)
+    entry = {"run": run_name, "recipe": name, "settings": {"merged": forgotten, "rank": fused.metadata["fmn.rank"]},
+             "concepts": forgotten, "seconds_per_concept": round(seconds / len(forgotten), 2), "patch_bytes": size,
+             **score(base, after, forgotten), "after": {k: round(v, 3) for k, v in after.items()}}
+    print(f"{run_name:22s} {name} erased {entry['erased_before']:.2f}->{entry['erased_after']:.2f} "
+          f"kept {entry['kept']:.3f} H {entry['H']:.3f} ({size:,} B, rank {fused.metadata['fmn.rank']})", flush=True)
+    return entry
 
 
 def recovery_attack(toy, oracle_net, trained: dict, seeds: list[int]) -> dict[str, dict[str, float]]:
@@ -333,9 +338,9 @@ def main(argv=None) -> None:
     report = {"measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "seeds_identity": seeds[0], "seeds_scene": seeds[1], "images_per_concept": IMAGES_PER_CONCEPT,
               "recipes": recipes, "base": {k: round(v, 4) for k, v in base.items()}, "results": results}
+    results += fused_results(toy, oracle_net, trained, all_runs, base, seeds)
     if args.merge:
         return merge_results(Path(args.out), report, all_runs)
-    results += fused_results(toy, oracle_net, trained, all_runs, base, seeds)
     if not args.no_inversion:
         patched_models = {run: out["patched"] for (run, recipe), out in trained.items() if recipe == "pack defaults"}
         report["inversion"] = inversion_report(toy, oracle_net, patched_models, all_runs, seeds[0])
@@ -368,7 +373,7 @@ def merge_results(out: Path, new: dict, all_runs: dict) -> None:
     results = [r for r in report["results"] if (r["run"], r["recipe"]) not in fresh] + new["results"]
     order = list(all_runs)
     recipes = {**report["recipes"], **new["recipes"]}  # a recipe of an earlier merge keeps its place too
-    recipe_order = list(RECIPES) + [n for n in recipes if n not in RECIPES] + [FUSED]
+    recipe_order = list(RECIPES) + [n for n in recipes if n not in RECIPES] + list(FUSED)
 
     def place(recipe: str) -> int:
         """A recipe no longer in the code (a relabelled earlier default) goes last."""
