@@ -175,18 +175,20 @@ def fused_results(toy, oracle_net, trained: dict, all_runs: dict, base: dict, se
     """Every multi-concept run again as one patch merged (FMN_MergeForgetPatches) from its
     concepts' single-concept patches of each FUSED_FROM recipe, where all of those were
     trained; its seconds per concept count the single runs' training and the merge."""
-    return [entry for recipe, name in zip(FUSED_FROM, FUSED) for run_name, lines in all_runs.items()
-            if (entry := fused_run(toy, oracle_net, [trained.get((line.split("|")[0].strip(), recipe)) for line in lines],
-                                   run_name, name, base, seeds))]
+    out = []
+    for recipe, name in zip(FUSED_FROM, FUSED):
+        for run_name, lines in all_runs.items():
+            singles = [trained.get((line.split("|")[0].strip(), recipe)) for line in lines]
+            if len(singles) >= 2 and None not in singles:
+                out.append(fused_run(toy, oracle_net, singles, run_name, name, base, seeds))
+    return out
 
 
-def fused_run(toy, oracle_net, singles: list[dict | None], run_name: str, name: str, base: dict, seeds) -> dict | None:
-    """One run as the merge of its concepts' single patches (None unless there are two or more, all trained)."""
+def fused_run(toy, oracle_net, singles: list[dict], run_name: str, name: str, base: dict, seeds) -> dict:
+    """One run as the merge of its concepts' single patches."""
     from fmn_pack.fmn_core import patch as fmn_patch
     from fmn_pack.fmn_core.merge import merge_patches
     mp, clip, _ = toy
-    if len(singles) < 2 or None in singles:
-        return None
     started = time.perf_counter()
     fused = merge_patches(clip, [fmn_patch.ForgetPatch(s["result"].lora, s["result"].metadata) for s in singles])
     seconds = time.perf_counter() - started + sum(s["seconds"] for s in singles)

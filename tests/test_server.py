@@ -330,7 +330,6 @@ def test_toybench_workflow_forgets_captain_zorb(server: ComfyServer, object_info
     assert rates["Before"] >= 0.75 and rates["After"] <= 0.25, rates
 
 
-
 def test_token_rows_workflow_forgets_the_star_through_the_patched_clip(server: ComfyServer, object_info: dict) -> None:
     """The shipped token-rows workflow as a user queues it: the After sampler reads its
     prompt through Forget Train's clip output; in 'a star in the style of neon' the oracle
@@ -340,6 +339,7 @@ def test_token_rows_workflow_forgets_the_star_through_the_patched_clip(server: C
     rates = oracle_rates(saved_images(server, server.run_prompt(prompt, PROMPT_TIMEOUT_S), prompt), ("star", "neon"))
     assert rates["Before"]["star"] >= 0.75 and rates["After"]["star"] <= 0.25, rates
     assert rates["Before"]["neon"] >= 0.75 and rates["After"]["neon"] >= 0.75, rates
+
 
 def oracle_rates(images: dict[str, list[Path]], concepts: tuple[str, ...]) -> dict[str, dict[str, float]]:
     """Per SaveImage title, the share of its images in which the ToyBench oracle sees each concept."""
