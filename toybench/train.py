@@ -96,6 +96,12 @@ def rescale_vae(vae, images, target_std):
         p.weight /= a[None, :, None, None]
 
 
+def progress(seconds: float, minutes: float, step: int, max_steps: int) -> float:
+    """How far the learning-rate schedule has gone (0..1): by whichever limit is nearer, so
+    that a run bounded by `max_steps` with time to spare is deterministic."""
+    return min(1.0, max(seconds / (minutes * 60), step / max_steps))
+
+
 def train_unet(mp, latents, scene_idx, contexts, empty, minutes, max_steps, seed, log, lr=1e-3, batch=64, snapshot=None):
     """Denoising training with an EMA of the weights; `snapshot(ema)` is called every 5
     minutes so a long run can be inspected (and is not lost) before it ends."""
@@ -113,7 +119,7 @@ def train_unet(mp, latents, scene_idx, contexts, empty, minutes, max_steps, seed
     step = 0
     losses = []
     while step < max_steps and time.time() - start < minutes * 60:
-        frac = min(1.0, (time.time() - start) / (minutes * 60))
+        frac = progress(time.time() - start, minutes, step, max_steps)
         for grp in opt.param_groups:
             grp["lr"] = lr * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         idx = torch.randint(0, len(latents), (batch,), generator=g)
@@ -146,6 +152,28 @@ def train_unet(mp, latents, scene_idx, contexts, empty, minutes, max_steps, seed
     net.load_state_dict(ema)
     net.eval()
     return step, time.time() - start
+
+
+def render_scenes(scenes, per_scene: int, seed: int):
+    """`per_scene` rendered images of each scene (N, 32, 32, 3) and each image's scene index."""
+    import numpy as np
+    import torch
+    from . import world
+    rng = np.random.default_rng(20_000 + seed)
+    imgs, sidx = [], []
+    for i, s in enumerate(scenes):
+        for _ in range(per_scene):
+            imgs.append(world.render(s, rng))
+            sidx.append(i)
+    return torch.from_numpy(np.stack(imgs)), torch.tensor(sidx)
+
+
+def scene_contexts(clip, scenes):
+    """The frozen text encoder's context of each scene's prompt, and of the empty prompt."""
+    import torch
+    from . import model as M
+    with torch.no_grad():
+        return torch.cat([M.encode(clip, s.prompt) for s in scenes]), M.encode(clip, "")[0]
 
 
 def conditioning(clip, prompt):
@@ -247,16 +275,7 @@ def main(argv=None):
 
     t = time.time()
     scenes = world.all_scenes()
-    rng_seed = 20_000 + args.seed
-    import numpy as np
-    rng = np.random.default_rng(rng_seed)
-    imgs, sidx = [], []
-    for i, s in enumerate(scenes):
-        for _ in range(args.per_scene):
-            imgs.append(world.render(s, rng))
-            sidx.append(i)
-    images = torch.from_numpy(np.stack(imgs))
-    scene_idx = torch.tensor(sidx)
+    images, scene_idx = render_scenes(scenes, args.per_scene, args.seed)
     scale = comfy.latent_formats.SD15().scale_factor
     if args.resume:
         from safetensors.torch import load_file
@@ -277,9 +296,7 @@ def main(argv=None):
 
     clip = M.clip()
     token_ids = M.prompt_token_ids([s.prompt for s in scenes] + [""])
-    with torch.no_grad():
-        contexts = torch.cat([M.encode(clip, s.prompt) for s in scenes])
-        empty = M.encode(clip, "")[0]
+    contexts, empty = scene_contexts(clip, scenes)
     save_file({k: v.to(torch.float16).contiguous() if v.dtype.is_floating_point else v.contiguous()
                for k, v in M.clip_state(clip, token_ids).items()}, out / "clip.safetensors")
 
