@@ -5,7 +5,7 @@ HOST    := .host/ComfyUI
 PORT    ?= 8188
 STAMP   := .venv/.fmn-deps-ok
 
-.PHONY: setup test demo serve bench bench-quality clean
+.PHONY: setup test demo serve bench bench-quality bench-retrain-floor clean
 
 setup: $(STAMP) $(HOST)/main.py
 
@@ -26,6 +26,9 @@ bench: setup
 
 bench-quality: setup
 	$(PY) scripts/bench_quality.py
+
+bench-retrain-floor: setup
+	$(PY) scripts/bench_retrain_floor.py
 
 clean:
 	rm -rf .venv .host .cache out
