@@ -67,6 +67,8 @@ def train_model(name: str, toy, data, scenes_kept: list[int], args) -> tuple[obj
     settings = {"steps": str(args.steps), "lr": str(args.lr), "seed": str(args.seed), "per_scene": str(args.per_scene),
                 "scenes": json.dumps(scenes_kept)}
     if args.reuse:
+        if not path.is_file():
+            raise SystemExit(f"no kept UNet at {path}: run without --reuse/--merge to train it (or pass its --kept)")
         with safe_open(str(path), "pt") as f:
             kept = f.metadata() or {}
         if any(kept.get(k) != v for k, v in settings.items()):
@@ -153,6 +155,8 @@ def fresh_report(args, recovery_settings: dict) -> dict:
 
 def merged_report(args, recovery_settings: dict) -> dict:
     """--merge: the existing --out, which must describe the same two models."""
+    if not Path(args.out).is_file():
+        raise SystemExit(f"--merge adds to an existing report, and {args.out} is not there: run without --merge first")
     report = json.loads(Path(args.out).read_text())
     wanted = fresh_report(args, recovery_settings)
     if report["excluded"] != wanted["excluded"] or any(report["settings"][k] != v for k, v in wanted["settings"].items()
