@@ -42,16 +42,15 @@ EXCLUDED = ("Captain Zorb", "moon", "zebra", "checkers")  # each category; the a
 SEEDS = (list(SEEDS_IDENTITY), list(SEEDS_SCENE))
 
 
-def training_latents(toy, per_scene: int, seed: int):
+def training_data(toy, per_scene: int, seed: int):
     """Every scene's rendered images through the shipped VAE, in the model's input space,
-    with each image's scene index; the same images for both models."""
-    import torch
+    each image's scene index, and the scenes' contexts and the empty prompt's through the
+    shipped text encoder: the same data for both models."""
     from fmn_pack.toybench import train as toy_train, world
+    mp, clip, vae = toy
     images, scene_idx = toy_train.render_scenes(world.all_scenes(), per_scene, seed)
-    mp, _, vae = toy
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(images[i:i + 512]) for i in range(0, len(images), 512)])
-    return mp.model.latent_format.process_in(latents), scene_idx
+    latents = mp.model.latent_format.process_in(toy_train.encode_images(vae, images))
+    return (latents, scene_idx, *toy_train.scene_contexts(clip, world.all_scenes()))
 
 
 def train_model(name: str, toy, data, scenes_kept: list[int], args) -> tuple[object, float]:
@@ -60,7 +59,7 @@ def train_model(name: str, toy, data, scenes_kept: list[int], args) -> tuple[obj
     import torch
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
-    from fmn_pack.toybench import model as M, train as toy_train, world
+    from fmn_pack.toybench import model as M, train as toy_train
     mp = M.unet()
     net = mp.model.diffusion_model
     path = Path(args.kept) / f"{name}.safetensors"
@@ -70,14 +69,13 @@ def train_model(name: str, toy, data, scenes_kept: list[int], args) -> tuple[obj
         if not path.is_file():
             raise SystemExit(f"no kept UNet at {path}: run without --reuse/--merge to train it (or pass its --kept)")
         with safe_open(str(path), "pt") as f:
-            kept = f.metadata() or {}
-        if any(kept.get(k) != v for k, v in settings.items()):
-            raise SystemExit(f"{path} was trained with other settings ({kept}); run without --reuse to train it again")
+            stored = f.metadata() or {}
+        if any(stored.get(k) != v for k, v in settings.items()):
+            raise SystemExit(f"{path} was trained with other settings ({stored}); run without --reuse to train it again")
         net.load_state_dict(load_file(str(path)))
-        return mp, float(kept["train_seconds"])
-    latents, scene_idx = data
+        return mp, float(stored["train_seconds"])
+    latents, scene_idx, contexts, empty = data
     mask = torch.isin(scene_idx, torch.tensor(scenes_kept))
-    contexts, empty = toy_train.scene_contexts(toy[1], world.all_scenes())
     _, seconds = toy_train.train_unet(mp, latents[mask], scene_idx[mask], contexts, empty, minutes=1e6,
                                       max_steps=args.steps, seed=args.seed, lr=args.lr,
                                       log=lambda msg: print(f"{name}: {msg}", flush=True))
@@ -198,7 +196,7 @@ def main(argv=None) -> None:
     report = (merged_report if args.merge else fresh_report)(args, probes.RECOVERY)
     toy = loader.load()
     oracle_net = loader.load_oracle()
-    data = None if args.reuse else training_latents(toy, args.per_scene, args.seed)
+    data = None if args.reuse else training_data(toy, args.per_scene, args.seed)
     scenes = world.all_scenes()
     kept = {"control": list(range(len(scenes))),
             "retrain": [i for i, s in enumerate(scenes) if not set(s.concepts) & set(args.exclude)]}

@@ -136,7 +136,6 @@ def test_manifest_records_every_file():
     assert sum((loader.WEIGHTS / f).stat().st_size for f in manifest["files"]) <= 30 * 1024 * 1024
 
 
-
 def test_step_bounded_training_is_deterministic(toy):
     """bench_retrain_floor.py compares two UNets trained for the same number of steps: with
     time to spare, the learning-rate schedule must follow the steps, not the clock."""
@@ -147,19 +146,19 @@ def test_step_bounded_training_is_deterministic(toy):
     scenes = world.all_scenes()[:2]
     images, scene_idx = train.render_scenes(scenes, 4, seed=3)
     assert images.shape == (8, 32, 32, 3) and scene_idx.tolist() == [0] * 4 + [1] * 4
-    with torch.no_grad():
-        latents = mp.model.latent_format.process_in(vae.encode(images))
+    latents = mp.model.latent_format.process_in(train.encode_images(vae, images))
     contexts, empty = train.scene_contexts(clip, scenes)
 
     def trained():
-        net = M.unet()
-        train.train_unet(net, latents, scene_idx, contexts, empty, minutes=1e6, max_steps=3, seed=0,
+        patcher = M.unet()
+        train.train_unet(patcher, latents, scene_idx, contexts, empty, minutes=1e6, max_steps=3, seed=0,
                          log=lambda _: None, batch=4)
-        return net.model.diffusion_model.state_dict()
+        return patcher.model.diffusion_model.state_dict()
 
     first, second, init = trained(), trained(), M.unet().model.diffusion_model.state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert any(not torch.equal(first[k], init[k]) for k in first)
+
 
 # --- Concept Inversion and M-Score on the shipped model -----------------------------------
 

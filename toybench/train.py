@@ -168,6 +168,14 @@ def render_scenes(scenes, per_scene: int, seed: int):
     return torch.from_numpy(np.stack(imgs)), torch.tensor(sidx)
 
 
+def encode_images(vae, images):
+    """VAE latents of `images`, 512 at a time (the whole set at once would hold every
+    activation of the encoder in memory)."""
+    import torch
+    with torch.no_grad():
+        return torch.cat([vae.encode(images[i:i + 512]) for i in range(0, len(images), 512)])
+
+
 def scene_contexts(clip, scenes):
     """The frozen text encoder's context of each scene's prompt, and of the empty prompt."""
     import torch
@@ -288,7 +296,7 @@ def main(argv=None):
     save_file(vae_sd, out / "vae.safetensors")
     vae = M.vae(vae_sd)
     with torch.no_grad():
-        latents = torch.cat([vae.encode(images[i:i + 512]) for i in range(0, len(images), 512)])
+        latents = encode_images(vae, images)
         rec = vae.decode(latents[:512])
         rec_acc = (oracle_net.predict(rec) == oracle_net.predict(images[:512])).all(-1).float().mean().item()
     log(f"vae: latent std {latents.std().item():.3f} (process_in std {(latents * scale).std().item():.3f}), oracle agreement on reconstructions {rec_acc:.3f}")
