@@ -5,7 +5,7 @@ HOST    := .host/ComfyUI
 PORT    ?= 8188
 STAMP   := .venv/.fmn-deps-ok
 
-.PHONY: setup test demo serve bench bench-quality bench-retrain-floor clean
+.PHONY: setup test demo serve bench bench-quality bench-retrain-floor bench-attention-bound clean
 
 setup: $(STAMP) $(HOST)/main.py
 
@@ -29,6 +29,9 @@ bench-quality: setup
 
 bench-retrain-floor: setup
 	$(PY) scripts/bench_retrain_floor.py
+
+bench-attention-bound: setup
+	$(PY) scripts/bench_attention_bound.py
 
 clean:
 	rm -rf .venv .host .cache out

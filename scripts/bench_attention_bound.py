@@ -1,0 +1,210 @@
+"""Can any LoRA meet issue 7's attention-level target on the tests' random-weight model?
+
+The target: on the small SD1-layout model and text encoder of the Forget Train tests, the
+concept's attention share on held-out templates falls by at least 80 % while every word
+of held-out prompts without the concept moves by under 5 % (both measured exactly as
+tests/attention_checks.py measures them). The pack's aimed modes miss it. Two reasons
+could make any method miss it: the kind of update (a LoRA on the cross-attention keys and
+values may be unable to do it at all) and what a method can know (the held-out words are
+in none of its training prompts). This script tells them apart.
+
+It fits LoRAs on attn2 to_k (rank 2) and to_k/to_v (rank 8) to the measured quantities
+themselves, by gradient descent on the attention shares: the log of the concept's share
+ratio (floored at 0.1) plus a penalty on each other word's relative change beyond 2 %, on
+random latents and timesteps, not the measurement's, with Adam and a cosine learning-rate
+decay. Two training sets:
+- `held-out prompts`: the two held-out templates and the three prompts without the concept,
+  an oracle that knows the words it will be judged on;
+- `own prompts`: the concept's own category templates and the pack's preserve prompts,
+  which is all that a method can know.
+Beside them, the pack's aimed modes at the tests' paper budget. Every row is measured on
+the held-out set.
+
+    .venv/bin/python scripts/bench_attention_bound.py              # ~8 min on 2 CPU cores
+    .venv/bin/python scripts/bench_attention_bound.py --steps 2 --out /tmp/b.json   # smoke
+
+Writes bench/attention_bound.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench import bootstrap  # noqa: E402
+
+CONCEPT = "van gogh"  # the Forget Train tests' concept, in their category
+# The Forget Train tests' attention-level budget (tests/test_forget_train.py PAPER_BUDGET).
+PAPER_BUDGET = {"steps": 35, "learning_rate": 1e-2, "rank": 2, "output_weight": 0.0, "warm_start": False}
+FITS = {"k, rank 2": (("to_k",), 2), "k/v, rank 8": (("to_k", "to_v"), 8)}
+TOLERANCE = 0.02   # a word's relative change the fit's penalty lets pass
+PENALTY = 100.0
+SHARE_FLOOR = 0.1  # the fit stops pushing a concept share below this ratio
+
+
+class Shares:
+    """Differentiable attention share per token and sample: each layer's probabilities
+    averaged over heads and pixels, then over layers (attention.TokenShare, with grad)."""
+
+    def __init__(self) -> None:
+        self.total, self.layers = None, 0
+
+    def reset(self) -> None:
+        self.total, self.layers = None, 0
+
+    def __call__(self, layer: str, probs, extra_options: dict) -> None:
+        share = probs.mean(dim=(1, 2))
+        self.total = share if self.total is None else self.total + share
+        self.layers += 1
+
+    def shares(self):
+        return self.total / self.layers
+
+
+def prompt_sets(clip) -> dict[str, tuple[list, list]]:
+    """Name -> (concept prompts, prompts without it), each as (prompt, measured positions)."""
+    import attention_checks as ac
+    from fmn_pack.fmn_core import host
+    from fmn_pack.fmn_core.concepts import TEMPLATES, preserve_prompts
+    from fmn_pack.fmn_core.tokens import SpecialTokens, concept_positions, content_tokens
+
+    special = SpecialTokens(**host.special_tokens(clip))
+    needle = content_tokens(host.tokenize(clip, CONCEPT), special)
+
+    def concept_items(templates):
+        prompts = [t.format(CONCEPT) for t in templates]
+        return [(p, concept_positions(host.tokenize(clip, p), needle, special)) for p in prompts]
+
+    def other_items(prompts):
+        return [(p, ac.word_positions(clip, p)) for p in prompts if p]
+
+    return {"held-out prompts": (concept_items(ac.HELD_OUT_TEMPLATES), other_items(ac.PROMPTS_WITHOUT_CONCEPT)),
+            "own prompts": (concept_items(TEMPLATES["style"]), other_items(preserve_prompts()))}
+
+
+def fit_loss(now, before, batch: list, n_concept: int):
+    """The concept prompts' log share ratios plus the penalty on the other words' changes."""
+    loss = 0
+    for i, (_, positions) in enumerate(batch):
+        if i < n_concept:
+            loss = loss + (now[i, positions].sum() / before[i, positions].sum()).log().clamp_min(math.log(SHARE_FLOOR))
+        else:
+            change = (now[i, positions] / before[i, positions] - 1).abs()
+            loss = loss + PENALTY * (change - TOLERANCE).clamp_min(0).pow(2).sum()
+    return loss
+
+
+def fit(model, clip, items: tuple[list, list], projections: tuple[str, ...], rank: int, steps: int, lr: float, seed: int) -> dict:
+    """A LoRA fitted to the attention shares of `items`; returns it in the patch format."""
+    import torch
+    from attention_checks import RESOLUTION
+    from fmn_pack.fmn_core import host
+    from fmn_pack.fmn_core.attention import make_attn2_replace
+    from fmn_pack.fmn_core.lora import LowRankDelta, export_kohya
+
+    layers = host.attn2_layers(model)
+    generator = torch.Generator().manual_seed(seed)
+    deltas = {key: LowRankDelta.free(o, i, rank, layer.dim_head ** -0.5, generator)
+              for layer in layers
+              for key, (o, i) in host.weight_shapes(model, [layer.weight_key(p) for p in projections]).items()}
+    params = [p for d in deltas.values() for p in d.parameters() if p.requires_grad]
+    sink, clone = Shares(), model.clone()
+    host.register_attn2(clone, layers, lambda layer, previous: make_attn2_replace(layer.module, sink, previous))
+    sampling, size = host.model_sampling(model), RESOLUTION // 8
+    concepts, others = ([(host.encode_pooled(clip, p)[0], positions) for p, positions in group] for group in items)
+    n_concept, n_other = min(2, len(concepts)), min(3, len(others))
+    picker = random.Random(seed)
+    with torch.inference_mode(False):
+        optimizer = torch.optim.Adam(params, lr=lr)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)  # settles the noisy random-latent steps
+        with host.trainable_unet(clone, deltas) as unet:
+            def shares(x, sigma, context, enabled: bool):
+                for d in deltas.values():
+                    d.enabled = enabled
+                sink.reset()
+                unet(x, sigma, context, None)
+                return sink.shares()
+
+            for _ in range(steps):
+                batch = picker.sample(concepts, n_concept) + picker.sample(others, n_other)
+                latent = torch.randn((len(batch), 4, size, size), generator=generator)
+                noise = torch.randn(latent.shape, generator=generator)
+                sigma = sampling.sigma(torch.randint(50, 950, (len(batch),), generator=generator).float())
+                x = sampling.noise_scaling(sigma.reshape(-1, 1, 1, 1), noise, latent)
+                context = torch.cat([c for c, _ in batch])
+                with torch.no_grad():
+                    before = shares(x, sigma, context, False)
+                loss = fit_loss(shares(x, sigma, context, True), before, batch, n_concept)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+    return export_kohya(deltas)
+
+
+def measured(model, clip, lora: dict, items: tuple[list, list] | None = None) -> dict:
+    """The held-out measurement of tests/attention_checks.py; with `items`, the same two
+    figures on those prompts too (a fit's own training prompts)."""
+    import attention_checks as ac
+    from fmn_pack.fmn_core import host
+    patched = host.apply_lora(model, lora, 1.0)
+    out = {"share_after_over_before": round(ac.concept_share_ratio(model, patched, clip, CONCEPT), 3),
+           "largest_other_word_change": round(ac.worst_word_change(model, patched, clip), 3)}
+    if items is not None:
+        def ratios(prompt, positions):
+            return ac.shares(patched, clip, prompt)[positions], ac.shares(model, clip, prompt)[positions]
+        concepts, others = ([ratios(p, positions) for p, positions in group] for group in items)
+        out["on_training_prompts"] = {
+            "share_after_over_before": round(max(float(a.sum() / b.sum()) for a, b in concepts), 3),
+            "largest_other_word_change": round(max(float(((a - b).abs() / b).max()) for a, b in others), 3)}
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=400, help="steps of each fit")
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(REPO / "bench" / "attention_bound.json"))
+    args = ap.parse_args(argv)
+    bootstrap()
+    import host_models as hm
+    from fmn_pack.fmn_core.concepts import parse_concepts
+    from fmn_pack.fmn_core.train import ForgetConfig, forget
+    from attention_checks import RESOLUTION
+
+    model, clip = hm.sd15_model(), hm.sd1_clip()
+    rows = {}
+    for mode in ("aimed k", "aimed k/v"):
+        result = forget(model, clip, parse_concepts(f"{CONCEPT} | style"), ForgetConfig(resolution=RESOLUTION, mode=mode, **PAPER_BUDGET))
+        rows[f"pack, {mode}, paper budget"] = measured(model, clip, result.lora)
+        print(f"pack {mode}: {rows[f'pack, {mode}, paper budget']}", flush=True)
+    for set_name, items in prompt_sets(clip).items():
+        for fit_name, (projections, rank) in FITS.items():
+            t0 = time.perf_counter()
+            lora = fit(model, clip, items, projections, rank, args.steps, args.lr, args.seed)
+            name = f"fit on {set_name}, {fit_name}"
+            rows[name] = {**measured(model, clip, lora, items), "fit_seconds": round(time.perf_counter() - t0, 1)}
+            print(f"{name}: {rows[name]}", flush=True)
+    report = {"target": {"share_after_over_before": "<= 0.2", "largest_other_word_change": "< 0.05"},
+              "settings": {"concept": CONCEPT, "steps": args.steps, "lr": args.lr, "seed": args.seed,
+                           "tolerance": TOLERANCE, "penalty": PENALTY, "share_floor": SHARE_FLOOR,
+                           "paper_budget": PAPER_BUDGET},
+              "rows": rows,
+              "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    out = Path(args.out)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(out)
+
+
+if __name__ == "__main__":
+    main()
