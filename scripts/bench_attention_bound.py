@@ -17,10 +17,11 @@ decay. Two training sets:
   an oracle that knows the words it will be judged on;
 - `own prompts`: the concept's own category templates and the pack's preserve prompts,
   which is all that a method can know.
-Beside them, the pack's aimed modes at the tests' paper budget. Every row is measured on
-the held-out set.
+Beside them, the pack's aimed modes at the tests' paper budget, and aimed k/v with and
+without the held-out prompts named in its keep list. Every row is measured on the held-out
+set.
 
-    .venv/bin/python scripts/bench_attention_bound.py              # ~8 min on 2 CPU cores
+    .venv/bin/python scripts/bench_attention_bound.py              # ~9 min on 2 CPU cores
     .venv/bin/python scripts/bench_attention_bound.py --steps 2 --out /tmp/b.json   # smoke
 
 Writes bench/attention_bound.json.
@@ -48,6 +49,19 @@ FITS = {"k, rank 2": (("to_k",), 2), "k/v, rank 8": (("to_k", "to_v"), 8)}
 TOLERANCE = 0.02   # a word's relative change the fit's penalty lets pass
 PENALTY = 100.0
 SHARE_FLOOR = 0.1  # the fit stops pushing a concept share below this ratio
+
+
+def pack_runs() -> dict[str, dict]:
+    """The pack's aimed modes at the paper budget, and aimed k/v with the held-out prompts
+    without the concept named in `keep` (which makes them training prompts), with and
+    without that keep list at the same budget."""
+    from attention_checks import PROMPTS_WITHOUT_CONCEPT
+    runs = {f"pack, {mode}, paper budget": {"mode": mode, **PAPER_BUDGET} for mode in ("aimed k", "aimed k/v")}
+    for steps in (150, 275):
+        budget = {**PAPER_BUDGET, "mode": "aimed k/v", "steps": steps, "learning_rate": 3e-2}
+        runs[f"pack, aimed k/v, {steps} steps, lr 0.03"] = budget
+        runs[f"pack, aimed k/v, {steps} steps, lr 0.03, held-out prompts in keep"] = {**budget, "keep": tuple(PROMPTS_WITHOUT_CONCEPT)}
+    return runs
 
 
 class Shares:
@@ -183,10 +197,10 @@ def main(argv=None) -> None:
 
     model, clip = hm.sd15_model(), hm.sd1_clip()
     rows = {}
-    for mode in ("aimed k", "aimed k/v"):
-        result = forget(model, clip, parse_concepts(f"{CONCEPT} | style"), ForgetConfig(resolution=RESOLUTION, mode=mode, **PAPER_BUDGET))
-        rows[f"pack, {mode}, paper budget"] = measured(model, clip, result.lora)
-        print(f"pack {mode}: {rows[f'pack, {mode}, paper budget']}", flush=True)
+    for name, config in pack_runs().items():
+        result = forget(model, clip, parse_concepts(f"{CONCEPT} | style"), ForgetConfig(resolution=RESOLUTION, **config))
+        rows[name] = measured(model, clip, result.lora)
+        print(f"{name}: {rows[name]}", flush=True)
     for set_name, items in prompt_sets(clip).items():
         for fit_name, (projections, rank) in FITS.items():
             t0 = time.perf_counter()
