@@ -131,7 +131,7 @@ def test_keep_list_is_parsed_and_may_not_overlap_the_concepts():
 def test_prompts_named_in_keep_hold_their_attention_while_the_concept_loses_its_own(sd1):
     """On a random-weight text encoder an unseen word is a new direction that no aim can
     avoid (scripts/bench_attention_bound.py); a prompt named in `keep` is seen, and the aim
-    and its anchor hold it. Same budget, same erasure, with and without the keep list."""
+    avoids its contexts. Same budget, same erasure, with and without the keep list."""
     model, clip = sd1
     budget = {"steps": 150, "learning_rate": 3e-2}
     held = train(model, clip, keep=tuple(PROMPTS_WITHOUT_CONCEPT), **budget)
