@@ -23,7 +23,7 @@ KEEP_TOOLTIP = (
     "Concepts to keep, comma- or line-separated (e.g. 'Monet, Picasso' when forgetting Van Gogh). Training "
     "also holds the original model's output on their prompts and on the concepts' prompts with them added, "
     "so neighbours and combinations survive. An item may also be a whole prompt without commas that you use "
-    "and want held exactly as it was. Empty: no preservation term."
+    "and want kept close to how it was. Empty: no preservation term."
 )
 WARM_START_TOOLTIP = ("Start from a closed-form edit of the keys and values (as UCE computes it from text alone: the "
                       "concept's tokens read as the anchor's) inside the aimed directions, then re-steer attention "
