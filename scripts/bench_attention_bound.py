@@ -18,10 +18,10 @@ decay. Two training sets:
 - `own prompts`: the concept's own category templates and the pack's preserve prompts,
   which is all that a method can know.
 Beside them, the pack's aimed modes at the tests' paper budget, and aimed k/v with and
-without the held-out prompts named in its keep list. Every row is measured on the held-out
-set.
+without the held-out prompts named in its keep list, on the SD1 layout and (fewer rows) on
+the SD2 layout. Every row is measured on the held-out set.
 
-    .venv/bin/python scripts/bench_attention_bound.py              # ~9 min on 2 CPU cores
+    .venv/bin/python scripts/bench_attention_bound.py              # ~11 min on 2 CPU cores
     .venv/bin/python scripts/bench_attention_bound.py --steps 2 --out /tmp/b.json   # smoke
 
 Writes bench/attention_bound.json.
@@ -51,17 +51,30 @@ PENALTY = 100.0
 SHARE_FLOOR = 0.1  # the fit stops pushing a concept share below this ratio
 
 
-def pack_runs() -> dict[str, dict]:
-    """The pack's aimed modes at the paper budget, and aimed k/v with the held-out prompts
-    without the concept named in `keep` (which makes them training prompts), with and
-    without that keep list at the same budget."""
+def pack_runs(modes: tuple[str, ...], keep_steps: tuple[int, ...]) -> dict[str, dict]:
+    """The pack's `modes` at the paper budget, and aimed k/v for each of `keep_steps` at lr
+    0.03 with and without the held-out prompts without the concept named in `keep` (which
+    makes them training prompts)."""
     from attention_checks import PROMPTS_WITHOUT_CONCEPT
-    runs = {f"pack, {mode}, paper budget": {"mode": mode, **PAPER_BUDGET} for mode in ("aimed k", "aimed k/v")}
-    for steps in (150, 275):
+    runs = {f"pack, {mode}, paper budget": {"mode": mode, **PAPER_BUDGET} for mode in modes}
+    for steps in keep_steps:
         budget = {**PAPER_BUDGET, "mode": "aimed k/v", "steps": steps, "learning_rate": 3e-2}
         runs[f"pack, aimed k/v, {steps} steps, lr 0.03"] = budget
         runs[f"pack, aimed k/v, {steps} steps, lr 0.03, held-out prompts in keep"] = {**budget, "keep": tuple(PROMPTS_WITHOUT_CONCEPT)}
     return runs
+
+
+def pack_rows(model, clip, runs: dict[str, dict], prefix: str = "") -> dict:
+    """Each pack run trained on `model` and measured on the held-out set."""
+    from attention_checks import RESOLUTION
+    from fmn_pack.fmn_core.concepts import parse_concepts
+    from fmn_pack.fmn_core.train import ForgetConfig, forget
+    rows = {}
+    for name, config in runs.items():
+        result = forget(model, clip, parse_concepts(f"{CONCEPT} | style"), ForgetConfig(resolution=RESOLUTION, **config))
+        rows[prefix + name] = measured(model, clip, result.lora)
+        print(f"{prefix + name}: {rows[prefix + name]}", flush=True)
+    return rows
 
 
 class Shares:
@@ -191,16 +204,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     bootstrap()
     import host_models as hm
-    from fmn_pack.fmn_core.concepts import parse_concepts
-    from fmn_pack.fmn_core.train import ForgetConfig, forget
-    from attention_checks import RESOLUTION
 
     model, clip = hm.sd15_model(), hm.sd1_clip()
-    rows = {}
-    for name, config in pack_runs().items():
-        result = forget(model, clip, parse_concepts(f"{CONCEPT} | style"), ForgetConfig(resolution=RESOLUTION, **config))
-        rows[name] = measured(model, clip, result.lora)
-        print(f"{name}: {rows[name]}", flush=True)
+    runs = {"SD1": pack_runs(("aimed k", "aimed k/v"), (150, 275)), "SD2": pack_runs(("aimed k/v",), (150,))}
+    rows = pack_rows(model, clip, runs["SD1"])
     for set_name, items in prompt_sets(clip).items():
         for fit_name, (projections, rank) in FITS.items():
             t0 = time.perf_counter()
@@ -208,10 +215,11 @@ def main(argv=None) -> None:
             name = f"fit on {set_name}, {fit_name}"
             rows[name] = {**measured(model, clip, lora, items), "fit_seconds": round(time.perf_counter() - t0, 1)}
             print(f"{name}: {rows[name]}", flush=True)
+    rows.update(pack_rows(hm.sd2_model(), hm.sd2_clip(), runs["SD2"], "SD2 layout, "))
     report = {"target": {"share_after_over_before": "<= 0.2", "largest_other_word_change": "< 0.05"},
               "settings": {"concept": CONCEPT, "steps": args.steps, "lr": args.lr, "seed": args.seed,
                            "tolerance": TOLERANCE, "penalty": PENALTY, "share_floor": SHARE_FLOOR,
-                           "paper_budget": PAPER_BUDGET},
+                           "pack_runs": runs},
               "rows": rows,
               "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     out = Path(args.out)
