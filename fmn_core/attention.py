@@ -118,15 +118,20 @@ class TokenShare:
     """Measurement sink: the share of attention each token receives, per sample.
 
     The share of token t is its probability averaged over pixels, heads and layers, so the
-    shares of one prompt sum to 1.
+    shares of one prompt sum to 1. `grad`: keep the graph, for objectives on the shares
+    themselves (scripts/bench_attention_bound.py fits updates to them).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, grad: bool = False) -> None:
+        self.grad = grad
+        self.reset()
+
+    def reset(self) -> None:
         self.total: torch.Tensor | None = None  # (B, T)
         self.layers = 0
 
     def __call__(self, layer: str, probs: torch.Tensor, extra_options: dict) -> None:
-        share = probs.detach().mean(dim=(1, 2))
+        share = (probs if self.grad else probs.detach()).mean(dim=(1, 2))
         self.total = share if self.total is None else self.total + share
         self.layers += 1
 

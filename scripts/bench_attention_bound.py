@@ -43,8 +43,6 @@ sys.path.insert(0, str(REPO / "scripts"))
 from bench import bootstrap  # noqa: E402
 
 CONCEPT = "van gogh"  # the Forget Train tests' concept, in their category
-# The Forget Train tests' attention-level budget (tests/test_forget_train.py PAPER_BUDGET).
-PAPER_BUDGET = {"steps": 35, "learning_rate": 1e-2, "rank": 2, "output_weight": 0.0, "warm_start": False}
 FITS = {"k, rank 2": (("to_k",), 2), "k/v, rank 8": (("to_k", "to_v"), 8)}
 TOLERANCE = 0.02   # a word's relative change the fit's penalty lets pass
 PENALTY = 100.0
@@ -55,7 +53,7 @@ def pack_runs(modes: tuple[str, ...], keep_steps: tuple[int, ...]) -> dict[str, 
     """The pack's `modes` at the paper budget, and aimed k/v for each of `keep_steps` at lr
     0.03 with and without the held-out prompts without the concept named in `keep` (which
     makes them training prompts)."""
-    from attention_checks import PROMPTS_WITHOUT_CONCEPT
+    from attention_checks import PAPER_BUDGET, PROMPTS_WITHOUT_CONCEPT
     runs = {f"pack, {mode}, paper budget": {"mode": mode, **PAPER_BUDGET} for mode in modes}
     for steps in keep_steps:
         budget = {**PAPER_BUDGET, "mode": "aimed k/v", "steps": steps, "learning_rate": 3e-2}
@@ -77,44 +75,12 @@ def pack_rows(model, clip, runs: dict[str, dict], prefix: str = "") -> dict:
     return rows
 
 
-class Shares:
-    """Differentiable attention share per token and sample: each layer's probabilities
-    averaged over heads and pixels, then over layers (attention.TokenShare, with grad)."""
-
-    def __init__(self) -> None:
-        self.total, self.layers = None, 0
-
-    def reset(self) -> None:
-        self.total, self.layers = None, 0
-
-    def __call__(self, layer: str, probs, extra_options: dict) -> None:
-        share = probs.mean(dim=(1, 2))
-        self.total = share if self.total is None else self.total + share
-        self.layers += 1
-
-    def shares(self):
-        return self.total / self.layers
-
-
-def prompt_sets(clip) -> dict[str, tuple[list, list]]:
-    """Name -> (concept prompts, prompts without it), each as (prompt, measured positions)."""
+def prompt_sets() -> dict[str, tuple[tuple[str, ...], list[str]]]:
+    """Name -> (the concept's templates, prompts without it)."""
     import attention_checks as ac
-    from fmn_pack.fmn_core import host
     from fmn_pack.fmn_core.concepts import TEMPLATES, preserve_prompts
-    from fmn_pack.fmn_core.tokens import SpecialTokens, concept_positions, content_tokens
-
-    special = SpecialTokens(**host.special_tokens(clip))
-    needle = content_tokens(host.tokenize(clip, CONCEPT), special)
-
-    def concept_items(templates):
-        prompts = [t.format(CONCEPT) for t in templates]
-        return [(p, concept_positions(host.tokenize(clip, p), needle, special)) for p in prompts]
-
-    def other_items(prompts):
-        return [(p, ac.word_positions(clip, p)) for p in prompts if p]
-
-    return {"held-out prompts": (concept_items(ac.HELD_OUT_TEMPLATES), other_items(ac.PROMPTS_WITHOUT_CONCEPT)),
-            "own prompts": (concept_items(TEMPLATES["style"]), other_items(preserve_prompts()))}
+    return {"held-out prompts": (tuple(ac.HELD_OUT_TEMPLATES), list(ac.PROMPTS_WITHOUT_CONCEPT)),
+            "own prompts": (TEMPLATES["style"], [p for p in preserve_prompts() if p])}
 
 
 def fit_loss(now, before, batch: list, n_concept: int):
@@ -129,13 +95,14 @@ def fit_loss(now, before, batch: list, n_concept: int):
     return loss
 
 
-def fit(model, clip, items: tuple[list, list], projections: tuple[str, ...], rank: int, steps: int, lr: float, seed: int) -> dict:
-    """A LoRA fitted to the attention shares of `items`; returns it in the patch format."""
+def fit(model, clip, prompt_set: tuple[tuple[str, ...], list[str]], projections: tuple[str, ...], rank: int, steps: int,
+        lr: float, seed: int) -> dict:
+    """A LoRA fitted to the attention shares of `prompt_set`; returns it in the patch format."""
     import torch
-    from attention_checks import RESOLUTION
+    import attention_checks as ac
     from fmn_pack.fmn_core import host
-    from fmn_pack.fmn_core.attention import make_attn2_replace
-    from fmn_pack.fmn_core.lora import LowRankDelta, export_kohya
+    from fmn_pack.fmn_core.attention import TokenShare, make_attn2_replace
+    from fmn_pack.fmn_core.lora import LowRankDelta, disabled, export_kohya
 
     layers = host.attn2_layers(model)
     generator = torch.Generator().manual_seed(seed)
@@ -143,19 +110,19 @@ def fit(model, clip, items: tuple[list, list], projections: tuple[str, ...], ran
               for layer in layers
               for key, (o, i) in host.weight_shapes(model, [layer.weight_key(p) for p in projections]).items()}
     params = [p for d in deltas.values() for p in d.parameters() if p.requires_grad]
-    sink, clone = Shares(), model.clone()
+    sink, clone = TokenShare(grad=True), model.clone()
     host.register_attn2(clone, layers, lambda layer, previous: make_attn2_replace(layer.module, sink, previous))
-    sampling, size = host.model_sampling(model), RESOLUTION // 8
-    concepts, others = ([(host.encode_pooled(clip, p)[0], positions) for p, positions in group] for group in items)
+    sampling, size = host.model_sampling(model), ac.RESOLUTION // 8
+    templates, prompts = prompt_set
+    concepts = [(host.encode_pooled(clip, p)[0], ac.concept_columns(clip, CONCEPT, p)) for p in (t.format(CONCEPT) for t in templates)]
+    others = [(host.encode_pooled(clip, p)[0], ac.word_positions(clip, p)) for p in prompts]
     n_concept, n_other = min(2, len(concepts)), min(3, len(others))
     picker = random.Random(seed)
     with torch.inference_mode(False):
         optimizer = torch.optim.Adam(params, lr=lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)  # settles the noisy random-latent steps
         with host.trainable_unet(clone, deltas) as unet:
-            def shares(x, sigma, context, enabled: bool):
-                for d in deltas.values():
-                    d.enabled = enabled
+            def shares(x, sigma, context):
                 sink.reset()
                 unet(x, sigma, context, None)
                 return sink.shares()
@@ -167,9 +134,9 @@ def fit(model, clip, items: tuple[list, list], projections: tuple[str, ...], ran
                 sigma = sampling.sigma(torch.randint(50, 950, (len(batch),), generator=generator).float())
                 x = sampling.noise_scaling(sigma.reshape(-1, 1, 1, 1), noise, latent)
                 context = torch.cat([c for c, _ in batch])
-                with torch.no_grad():
-                    before = shares(x, sigma, context, False)
-                loss = fit_loss(shares(x, sigma, context, True), before, batch, n_concept)
+                with torch.no_grad(), disabled(deltas):
+                    before = shares(x, sigma, context)
+                loss = fit_loss(shares(x, sigma, context), before, batch, n_concept)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -177,21 +144,19 @@ def fit(model, clip, items: tuple[list, list], projections: tuple[str, ...], ran
     return export_kohya(deltas)
 
 
-def measured(model, clip, lora: dict, items: tuple[list, list] | None = None) -> dict:
-    """The held-out measurement of tests/attention_checks.py; with `items`, the same two
+def measured(model, clip, lora: dict, prompt_set: tuple[tuple[str, ...], list[str]] | None = None) -> dict:
+    """The held-out measurement of tests/attention_checks.py; with `prompt_set`, the same two
     figures on those prompts too (a fit's own training prompts)."""
     import attention_checks as ac
     from fmn_pack.fmn_core import host
     patched = host.apply_lora(model, lora, 1.0)
     out = {"share_after_over_before": round(ac.concept_share_ratio(model, patched, clip, CONCEPT), 3),
            "largest_other_word_change": round(ac.worst_word_change(model, patched, clip), 3)}
-    if items is not None:
-        def ratios(prompt, positions):
-            return ac.shares(patched, clip, prompt)[positions], ac.shares(model, clip, prompt)[positions]
-        concepts, others = ([ratios(p, positions) for p, positions in group] for group in items)
+    if prompt_set is not None:
+        templates, prompts = prompt_set
         out["on_training_prompts"] = {
-            "share_after_over_before": round(max(float(a.sum() / b.sum()) for a, b in concepts), 3),
-            "largest_other_word_change": round(max(float(((a - b).abs() / b).max()) for a, b in others), 3)}
+            "share_after_over_before": round(ac.concept_share_ratio(model, patched, clip, CONCEPT, templates=templates), 3),
+            "largest_other_word_change": round(ac.worst_word_change(model, patched, clip, prompts=prompts), 3)}
     return out
 
 
@@ -204,16 +169,17 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     bootstrap()
     import host_models as hm
+    from fmn_pack.fmn_core.files import atomic_write
 
     model, clip = hm.sd15_model(), hm.sd1_clip()
     runs = {"SD1": pack_runs(("aimed k", "aimed k/v"), (150, 275)), "SD2": pack_runs(("aimed k/v",), (150,))}
     rows = pack_rows(model, clip, runs["SD1"])
-    for set_name, items in prompt_sets(clip).items():
+    for set_name, prompt_set in prompt_sets().items():
         for fit_name, (projections, rank) in FITS.items():
             t0 = time.perf_counter()
-            lora = fit(model, clip, items, projections, rank, args.steps, args.lr, args.seed)
+            lora = fit(model, clip, prompt_set, projections, rank, args.steps, args.lr, args.seed)
             name = f"fit on {set_name}, {fit_name}"
-            rows[name] = {**measured(model, clip, lora, items), "fit_seconds": round(time.perf_counter() - t0, 1)}
+            rows[name] = {**measured(model, clip, lora, prompt_set), "fit_seconds": round(time.perf_counter() - t0, 1)}
             print(f"{name}: {rows[name]}", flush=True)
     rows.update(pack_rows(hm.sd2_model(), hm.sd2_clip(), runs["SD2"], "SD2 layout, "))
     report = {"target": {"share_after_over_before": "<= 0.2", "largest_other_word_change": "< 0.05"},
@@ -222,10 +188,8 @@ def main(argv=None) -> None:
                            "pack_runs": runs},
               "rows": rows,
               "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    out = Path(args.out)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out)
+    text = json.dumps(report, indent=2) + "\n"
+    atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(text), overwrite=True)
 
 
 if __name__ == "__main__":

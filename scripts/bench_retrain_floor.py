@@ -59,6 +59,7 @@ def train_model(name: str, toy, data, scenes_kept: list[int], args) -> tuple[obj
     import torch
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
+    from fmn_pack.fmn_core.files import atomic_write
     from fmn_pack.toybench import model as M, train as toy_train
     mp = M.unet()
     net = mp.model.diffusion_model
@@ -79,11 +80,8 @@ def train_model(name: str, toy, data, scenes_kept: list[int], args) -> tuple[obj
     _, seconds = toy_train.train_unet(mp, latents[mask], scene_idx[mask], contexts, empty, minutes=1e6,
                                       max_steps=args.steps, seed=args.seed, lr=args.lr,
                                       log=lambda msg: print(f"{name}: {msg}", flush=True))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp),
-              metadata={**settings, "train_seconds": f"{seconds:.1f}"})
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp,
+                                             metadata={**settings, "train_seconds": f"{seconds:.1f}"}), overwrite=True)
     return mp, round(seconds, 1)
 
 
@@ -183,6 +181,7 @@ def main(argv=None) -> None:
     args.reuse = args.reuse or args.merge
 
     bootstrap()
+    from fmn_pack.fmn_core.files import atomic_write
     from fmn_pack.toybench import loader, probes, world
     unknown = [c for c in args.exclude if c not in world.CONCEPTS]
     if unknown or not args.exclude:
@@ -215,10 +214,8 @@ def main(argv=None) -> None:
     report["settings"]["recipes"].update(recipes)
     report["patched_control"].update(forgotten_from_control(trained["control"], toy, oracle_net, report, recipes, args.seed))
     report["written"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    out = Path(args.out)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out)
+    text = json.dumps(report, indent=2) + "\n"
+    atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(text), overwrite=True)
     print(table(report))
 
 
