@@ -58,6 +58,18 @@ class Concept:
         return [" ".join(t.format(self.anchor).split()) for t in self.templates]
 
 
+_ARTICLE_SLOT = re.compile(r"\b(?:a|an)\s+\{\}", re.IGNORECASE)
+_ARTICLE = re.compile(r"^(?:a|an|the)\s", re.IGNORECASE)
+
+
+def filled(template: str, words: str) -> str:
+    """`template` with `words` in its {}, spaces tidied; words that bring their own article
+    replace the template's ('a {}' with 'an object' reads 'an object', not 'a an object')."""
+    if _ARTICLE.match(words):
+        template = _ARTICLE_SLOT.sub("{}", template)
+    return " ".join(template.format(words).split())
+
+
 def _templates_for(field: str, line: str) -> tuple[str, tuple[str, ...]]:
     if field in TEMPLATES:
         return field, TEMPLATES[field]

@@ -28,7 +28,7 @@ import torch
 
 from . import aim, host
 from .concepts import ANCHORS, TEMPLATES, Concept, keep_prompts
-from .patch import ForgetPatch, model_card, structure_problems
+from .patch import HARDEN_MODE, ForgetPatch, model_card, structure_problems
 from .train import anchor_moment, build_examples, preserve_moment
 
 TEXT_PROJECTIONS = ("attn2_to_k", "attn2_to_v")
@@ -45,6 +45,9 @@ def check_mergeable(patches: list[ForgetPatch]) -> None:
         problems = structure_problems(patch)
         if problems:
             raise ValueError(f"patch {i} is not a valid forget patch: " + "; ".join(problems[:3]))
+        if patch.metadata.get("fmn.mode") == HARDEN_MODE:
+            raise ValueError(f"patch {i} is a hardening patch (Harden Forget Patch), which holds no concept's edit to "
+                             "fuse: merge the forget patches, then harden the merged patch")
     for field, what in (("fmn.base_arch", "model family"), ("fmn.context_dim", "text context width")):
         values = [p.metadata.get(field) for p in patches]
         if len(set(values)) > 1:

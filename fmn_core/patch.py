@@ -29,6 +29,7 @@ LIST_FIELDS = ("fmn.concepts", "fmn.categories", "fmn.anchors")
 MODELSPEC_ARCH = {"SD15": "stable-diffusion-v1", "SD20": "stable-diffusion-v2", "SD21UnclipL": "stable-diffusion-v2",
                   "SD21UnclipH": "stable-diffusion-v2", "SDXL": "stable-diffusion-xl-v1-base"}
 COVER_SIZE = 256  # longest side of the cover image kept in the header, in pixels
+HARDEN_MODE = "harden"  # the fmn.mode of a patch from Harden Forget Patch, applied after the patch it hardens
 
 
 @dataclass

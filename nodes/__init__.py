@@ -4,6 +4,7 @@ Node ids are part of the public workflow format: never rename them.
 """
 from .attention_maps import AttentionMapViewer
 from .forget_train import ForgetTrain
+from .harden import HardenForgetPatch
 from .inversion import ConceptInversion
 from .mscore import MScore
 from .patches import ApplyForgetPatch, LoadForgetPatch, MergeForgetPatches, SaveForgetPatch, register_folder
@@ -21,6 +22,7 @@ NODES = (
     ("FMN_MScore", MScore, "M-Score"),
     ("FMN_AttentionMapViewer", AttentionMapViewer, "Attention Map Viewer"),
     ("FMN_RecoveryAttack", RecoveryAttack, "Recovery Attack"),
+    ("FMN_HardenForgetPatch", HardenForgetPatch, "Harden Forget Patch"),
 )
 
 register_folder()
