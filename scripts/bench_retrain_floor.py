@@ -18,6 +18,8 @@ imitates, on the same base.
     .venv/bin/python scripts/bench_retrain_floor.py --steps 3 --exclude star --kept /tmp/k --out /tmp/f.json  # smoke
     .venv/bin/python scripts/bench_retrain_floor.py --merge --recipes --recipe 'NAME={"mode": "k/v"}'
         # one more recipe on the kept control, added to the existing report
+    .venv/bin/python scripts/bench_retrain_floor.py --merge --recipes "pack defaults" --harden  # ~25 min
+        # the defaults' patches hardened (Harden Forget Patch), added as 'pack defaults + hardened'
 
 Writes bench/retrain_floor.json; the trained UNets are kept under out/retrain_floor/
 (`--kept`), with their settings, so that `--reuse` and `--merge` need not train again.
@@ -102,24 +104,63 @@ def measure(mp, toy, oracle_net, excluded: list[str]) -> dict:
             "recovery": {c: recovery(mp, toy[1], toy[2], oracle_net, c) for c in excluded}}
 
 
-def forgotten_from_control(control_mp, toy, oracle_net, report: dict, recipes: dict[str, dict], seed: int) -> dict:
+def forgotten_from_control(control_mp, toy, oracle_net, report: dict, recipes: dict[str, dict], seed: int,
+                           concepts: list[str], harden: bool = False) -> dict:
     """Recipe name -> excluded concept -> its detection, the other concepts kept (after /
     before) and the recovery attack, with that concept forgotten from the control by the
-    recipe (ForgetConfig fields)."""
+    recipe (ForgetConfig fields), for each of `concepts`; with `harden`, its patch hardened (`hardened`) and the
+    entry named '<recipe> + hardened'."""
     from fmn_pack.toybench import probes
     control_toy = (control_mp, toy[1], toy[2])
     base = report["models"]["control"]["detection"]
     out: dict[str, dict] = {}
     for recipe, fields in recipes.items():
-        for concept in report["excluded"]:
+        name = f"{recipe} + {HARDENED}" if harden else recipe
+        for concept in concepts:
             run = one_run(control_toy, [f"{concept} | {probes.category(concept)}"], fields, seed)
+            if harden:
+                run = hardened(control_toy, run, concept, seed)
             after = rates(run["patched"], control_toy, oracle_net, SEEDS, clip=run["clip"])
-            out.setdefault(recipe, {})[concept] = {
+            out.setdefault(name, {})[concept] = {
                 "detection": round(after[concept], 3), "kept": score(base, after, [concept])["kept"],
                 "recovery": recovery(run["patched"], run["clip"], toy[2], oracle_net, concept),
                 "seconds": round(run["seconds"], 1)}
-            print(f"{recipe} on the control, {concept}: {out[recipe][concept]}", flush=True)
+            print(f"{name} on the control, {concept}: {out[name][concept]}", flush=True)
     return out
+
+
+HARDENED = "hardened"
+HARDEN_IMAGES = {"count": 32, "seed": 500}  # the defender's pictures: not the attack's (probes: 8 from seed 100)
+
+
+def harden_settings() -> dict:
+    """What `hardened` sets beyond HardenConfig's defaults, and those defaults, for the report."""
+    import dataclasses
+    from fmn_pack.fmn_core.harden import HardenConfig
+    defaults = {k: v for k, v in dataclasses.asdict(HardenConfig()).items() if k not in ("keep", "templates", "seed")}
+    return {**defaults, "images": HARDEN_IMAGES, "templates": "the world's phrasing of the category (probes.TEMPLATES)",
+            "keep": "every scene prompt of the world without the concept"}
+
+
+def hardened(toy, run: dict, concept: str, seed: int) -> dict:
+    """`run` (one_run's) with its patch hardened by Harden Forget Patch's defaults: the
+    concept's own pictures (HARDEN_IMAGES), the world's phrasing of its category as the
+    template, and every scene prompt of the world without it in the keep list."""
+    import torch
+    from fmn_pack.fmn_core import patch as fmn_patch
+    from fmn_pack.fmn_core.harden import HardenConfig, harden
+    from fmn_pack.toybench import probes, world
+    mp, clip, vae = toy
+    forget_patch = fmn_patch.ForgetPatch(run["result"].lora, run["result"].metadata)
+    with torch.inference_mode():
+        images = probes.concept_latents(mp, vae, concept, **HARDEN_IMAGES)
+    config = HardenConfig(seed=seed, templates=(probes.TEMPLATES[probes.category(concept)],),
+                          keep=tuple(s.prompt for s in world.all_scenes() if concept not in s.concepts))
+    started = time.perf_counter()
+    result = harden(mp, clip, forget_patch, images, config)
+    seconds = time.perf_counter() - started
+    patched = fmn_patch.apply_patch(run["patched"], result.patch, 1.0)
+    return {**run, "patched": patched, "seconds": run["seconds"] + seconds}
 
 
 def table(report: dict) -> str:
@@ -172,6 +213,10 @@ def main(argv=None) -> None:
     ap.add_argument("--recipes", nargs="*", default=["pack defaults", "reference"],
                     help=f"bench_quality recipes that forget each excluded concept from the control ({list(RECIPES)})")
     ap.add_argument("--recipe", action="append", default=[], help="NAME=JSON of ForgetConfig fields: one more recipe")
+    ap.add_argument("--harden", action="store_true",
+                    help="harden each recipe's patch (Harden Forget Patch) before measuring; entries '<recipe> + hardened'")
+    ap.add_argument("--only", nargs="*", help="forget only these excluded concepts with the recipes (default: all); "
+                                              "with --merge, their entries replace those in the report")
     ap.add_argument("--kept", default=str(KEPT), help="folder for the trained UNets")
     ap.add_argument("--reuse", action="store_true", help="measure the UNets kept in --kept again, without training")
     ap.add_argument("--merge", action="store_true",
@@ -211,8 +256,14 @@ def main(argv=None) -> None:
             report["models"][name] = {"scenes": len(scene_ids), "train_seconds": seconds,
                                       **measure(trained[name], toy, oracle_net, args.exclude),
                                       "seconds": round(time.perf_counter() - t0, 1)}
-    report["settings"]["recipes"].update(recipes)
-    report["patched_control"].update(forgotten_from_control(trained["control"], toy, oracle_net, report, recipes, args.seed))
+    report["settings"]["recipes"].update(recipes if not args.harden else {
+        f"{r} + {HARDENED}": {**fields, "harden": harden_settings()} for r, fields in recipes.items()})
+    only = args.only or args.exclude
+    if set(only) - set(args.exclude):
+        raise SystemExit(f"--only names concepts outside --exclude {args.exclude}: {sorted(set(only) - set(args.exclude))}")
+    found = forgotten_from_control(trained["control"], toy, oracle_net, report, recipes, args.seed, only, args.harden)
+    for name, by_concept in found.items():
+        report["patched_control"].setdefault(name, {}).update(by_concept)
     report["written"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     text = json.dumps(report, indent=2) + "\n"
     atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(text), overwrite=True)
