@@ -39,6 +39,7 @@ from .lora import LowRankDelta, disabled, export_kohya
 from .merge import concepts_of
 from .patch import HARDEN_MODE, ForgetPatch, apply_patch, model_card
 from .text_encoder import TextEncoders
+from .train import check_finite_tensors
 
 # The word each category's inversion starts from: a generic one, so nothing of the
 # concept's own words helps (FMN_RecoveryAttack's advice to its users).
@@ -155,10 +156,7 @@ def harden(patcher, clip, patch: ForgetPatch, latents: torch.Tensor | None, conf
                 attack_losses.append(_attack(patched, clip, deltas, d, config, r, generator, progress))
             losses += _train(patched, deltas, data, kept, steps, config, generator, progress)
     lora = export_kohya(deltas)
-    bad = [k for k, v in lora.items() if not torch.isfinite(v).all()]
-    if bad:
-        raise RuntimeError(f"hardening produced non-finite weights (e.g. {bad[0]}): no patch was produced; lower "
-                           "learning_rate")
+    check_finite_tensors(lora, "Harden Forget Patch")
     return HardenResult(ForgetPatch(lora, _metadata(patcher, patch, concepts, config, losses)), losses, attack_losses)
 
 
@@ -291,7 +289,7 @@ Batch = tuple[torch.Tensor, torch.Tensor, Conditioning, Conditioning]  # x, sigm
 
 def _forget_batch(data: ConceptData, n: int, sampling, generator: torch.Generator) -> Batch:
     """The concept's images under its contexts; the teacher reads each one's anchor."""
-    x, sigma = _noised(data.latents, n, sampling, generator)
+    x, sigma, _ = _noised(data.latents, n, sampling, generator)
     picks = torch.randint(len(data.pairs), (n,), generator=generator).tolist()
     return x, sigma, _stacked([data.pairs[i][0] for i in picks]), _stacked([data.pairs[i][1] for i in picks])
 
@@ -299,16 +297,17 @@ def _forget_batch(data: ConceptData, n: int, sampling, generator: torch.Generato
 def _kept_batch(kept: tuple[torch.Tensor, list[Conditioning]], n: int, sampling, generator: torch.Generator) -> Batch:
     """Samples of the kept prompts under their own prompt, for both."""
     latents, conditions = kept
-    picks = torch.randint(len(latents), (n,), generator=generator)
-    x, sigma, _ = noisy(sampling, latents[picks], generator)
+    x, sigma, picks = _noised(latents, n, sampling, generator)
     cond = _stacked([conditions[i] for i in picks.tolist()])
     return x, sigma, cond, cond
 
 
-def _noised(latents: torch.Tensor, n: int, sampling, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _noised(latents: torch.Tensor, n: int, sampling,
+            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`n` of `latents` drawn at random and noised; and which ones were drawn."""
     picks = torch.randint(len(latents), (n,), generator=generator)
     x, sigma, _ = noisy(sampling, latents[picks], generator)
-    return x, sigma
+    return x, sigma, picks
 
 
 def _stacked(conditions: list[Conditioning]) -> Conditioning:

@@ -580,10 +580,10 @@ def check_finite(step: int, loss: torch.Tensor, grad_norm: torch.Tensor, scaling
         )
 
 
-def check_finite_tensors(lora: dict[str, torch.Tensor]) -> None:
+def check_finite_tensors(lora: dict[str, torch.Tensor], producer: str = "Forget Train") -> None:
     bad = [k for k, v in lora.items() if not torch.isfinite(v).all()]
     if bad:
-        raise RuntimeError(f"Forget Train produced non-finite weights in {len(bad)} tensors (e.g. {bad[0]}): "
+        raise RuntimeError(f"{producer} produced non-finite weights in {len(bad)} tensors (e.g. {bad[0]}): "
                            "no patch was produced; lower learning_rate")
 
 
