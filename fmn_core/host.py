@@ -476,7 +476,7 @@ def sample(patcher, positive: tuple[torch.Tensor, torch.Tensor | None], negative
            seeds: list[int], shape: tuple[int, ...], steps: int = 20, cfg: float = 5.0) -> torch.Tensor:
     """VAE latents sampled as KSampler does (euler, normal), one per seed, from raw
     (context (1, T, D), pooled (1, W) or None) pairs instead of text: conditioning no
-    prompt can spell."""
+    prompt can spell. A positive of one row per seed, (N, T, D), samples N prompts in one call."""
     n = len(seeds)
 
     def cond(context: torch.Tensor, pooled: torch.Tensor | None) -> list:
