@@ -205,6 +205,40 @@ def fused_run(toy, oracle_net, singles: list[dict], run_name: str, name: str, ba
     return entry
 
 
+HARDENED = "hardened"
+HARDEN_IMAGES = {"count": 32, "seed": 500}  # the defender's pictures: not the attack's (probes: 8 from seed 100)
+
+
+def harden_settings() -> dict:
+    """What `hardened` sets beyond HardenConfig's defaults, and those defaults, for the report."""
+    import dataclasses
+    from fmn_pack.fmn_core.harden import HardenConfig
+    defaults = {k: v for k, v in dataclasses.asdict(HardenConfig()).items() if k not in ("keep", "templates", "seed")}
+    return {**defaults, "images": HARDEN_IMAGES, "templates": "the world's phrasing of the category (probes.TEMPLATES)",
+            "keep": "every scene prompt of the world without the concept"}
+
+
+def hardened(toy, run: dict, concept: str, seed: int) -> dict:
+    """`run` (one_run's) with its patch hardened by Harden Forget Patch's defaults: the
+    concept's own pictures (HARDEN_IMAGES), the world's phrasing of its category as the
+    template, and every scene prompt of the world without it in the keep list."""
+    import torch
+    from fmn_pack.fmn_core import patch as fmn_patch
+    from fmn_pack.fmn_core.harden import HardenConfig, harden
+    from fmn_pack.toybench import probes, world
+    mp, clip, vae = toy
+    forget_patch = fmn_patch.ForgetPatch(run["result"].lora, run["result"].metadata)
+    with torch.inference_mode():
+        images = probes.concept_latents(mp, vae, concept, **HARDEN_IMAGES)
+    config = HardenConfig(seed=seed, templates=(probes.TEMPLATES[probes.category(concept)],),
+                          keep=tuple(s.prompt for s in world.all_scenes() if concept not in s.concepts))
+    started = time.perf_counter()
+    result = harden(mp, clip, forget_patch, images, config)
+    seconds = time.perf_counter() - started
+    patched = fmn_patch.apply_patch(run["patched"], result.patch, 1.0)
+    return {**run, "patched": patched, "seconds": run["seconds"] + seconds}
+
+
 def recovery_attack(toy, oracle_net, trained: dict, seeds: list[int]) -> dict[str, dict[str, float]]:
     """FMN_RecoveryAttack's measurement for every single-concept patch of each recipe: the
     concept's images inverted from a generic word through the patched model, and the
@@ -270,6 +304,9 @@ def main(argv=None) -> None:
     ap.add_argument("--only-recovery", action="store_true",
                     help="re-measure only the recovery attack on the single-concept patches of --runs and --recipes "
                          "(retrained with the same seed) into the existing --out")
+    ap.add_argument("--harden", action="store_true",
+                    help="with --only-recovery: harden each single-concept patch (Harden Forget Patch) before the "
+                         "attack; entries '<recipe> + hardened', about 4 min per concept")
     ap.add_argument("--only-redirect", action="store_true",
                     help="measure only the redirects (REDIRECTS) into the existing --out")
     ap.add_argument("--only-anchor-floor", action="store_true",
@@ -304,7 +341,7 @@ def main(argv=None) -> None:
         return remeasure_inversion(toy, oracle_net, measured, seeds[0], args.seed, Path(args.out))
     if args.only_recovery:
         return remeasure_recovery(toy, oracle_net, {r: all_runs[r] for r in chosen}, recipes, seeds[0], args.seed,
-                                  Path(args.out))
+                                  Path(args.out), args.harden)
     if args.only_redirect:
         report = json.loads(Path(args.out).read_text())
         report.setdefault("redirect", {}).update(redirect_report(toy, oracle_net, seeds, args.seed, report["base"],
@@ -388,16 +425,40 @@ def merge_results(out: Path, new: dict, all_runs: dict) -> None:
     print(f"merged {len(new['results'])} results into {out}")
 
 
-def remeasure_recovery(toy, oracle_net, chosen: dict, recipes: dict, seeds: list[int], seed: int, out: Path) -> None:
+def remeasure_recovery(toy, oracle_net, chosen: dict, recipes: dict, seeds: list[int], seed: int, out: Path,
+                       harden: bool = False) -> None:
     """`--only-recovery`: the recovery attack on these recipes' single-concept patches, put
-    into an existing report beside the other recipes' figures."""
+    into an existing report beside the other recipes' figures. With `harden`, each patch is
+    hardened first (entries '<recipe> + hardened'), and the hardened model's detection of the
+    concept and of the others (kept) go into the report's `hardened` section."""
     from fmn_pack.toybench import world
     report = json.loads(out.read_text())
-    trained = {(name, recipe): one_run(toy, lines, recipes[recipe], seed)
-               for name, lines in chosen.items() if name in world.CONCEPTS for recipe in recipes}
+    trained = {}
+    for name, lines in chosen.items():
+        for recipe in recipes:
+            if name not in world.CONCEPTS:
+                continue
+            run = one_run(toy, lines, recipes[recipe], seed)
+            if harden:
+                run = hardened(toy, run, name, seed)
+                report.setdefault("hardened", {}).setdefault(name, {})[recipe] = hardened_entry(
+                    toy, oracle_net, run, name, report["base"], seeds)
+            trained[name, f"{recipe} + {HARDENED}" if harden else recipe] = run
     for concept, by_recipe in recovery_attack(toy, oracle_net, trained, seeds).items():
         report.setdefault("recovery_attack", {}).setdefault(concept, {}).update(by_recipe)
+    if harden:
+        report["harden_settings"] = harden_settings()
     rewrite_report(report, out)
+
+
+def hardened_entry(toy, oracle_net, run: dict, concept: str, base: dict, seeds: list[int]) -> dict:
+    """A hardened single-concept patch's figures beside its recovery: the concept's detection
+    on its own prompts, the others kept (after / before) and the seconds of both stages."""
+    after = rates(run["patched"], toy, oracle_net, (seeds, list(SEEDS_SCENE)), clip=run["clip"])
+    entry = {"detection": round(after[concept], 3), "kept": score(base, after, [concept])["kept"],
+             "seconds": round(run["seconds"], 1)}
+    print(f"hardened {concept}: {entry}", flush=True)
+    return entry
 
 
 def remeasure_inversion(toy, oracle_net, all_runs: dict, seeds: list[int], seed: int, out: Path) -> None:
@@ -535,6 +596,12 @@ def markdown(report: dict) -> str:
                  "original model | " + " | ".join(recipes) + " |", "|---|---|" + "---|" * len(recipes)]
         rows += [f"| {concept} | " + (f"{original[concept]['detection_learned']:.2f}" if concept in original else "-") + " | "
                  + " | ".join(f"{by_recipe[r]:.2f}" for r in recipes) + " |" for concept, by_recipe in attack.items()]
+    hardened = report.get("hardened")
+    if hardened:
+        rows += ["", "| hardened (Harden Forget Patch on the single-concept patch) | recipe | detection on its prompts | "
+                 "kept (after/before) | s (forget + harden) |", "|---|---|---|---|---|"]
+        rows += [f"| {concept} | {recipe} | {e['detection']:.2f} | {e['kept']:.3f} | {e['seconds']:.0f} |"
+                 for concept, by_recipe in hardened.items() for recipe, e in by_recipe.items()]
     redirects = report.get("redirect")
     if redirects:
         rows += ["", "| redirect (the replacement's images) | recipe | replacement seen | concept still seen | others kept | s |",

@@ -28,16 +28,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench import bootstrap  # noqa: E402
-from bench_quality import OUT, RECIPES, SEEDS_IDENTITY, SEEDS_SCENE, one_run, rates, score  # noqa: E402
+from bench_quality import (HARDENED, OUT, RECIPES, SEEDS_IDENTITY, SEEDS_SCENE, harden_settings, hardened,  # noqa: E402
+                           one_run, rates, score)
 
 KEPT = REPO / "out" / "retrain_floor"
 EXCLUDED = ("Captain Zorb", "moon", "zebra", "checkers")  # each category; the attack recovers them well
@@ -55,9 +58,11 @@ def training_data(toy, per_scene: int, seed: int):
     return (latents, scene_idx, *toy_train.scene_contexts(clip, world.all_scenes()))
 
 
-def train_model(name: str, toy, data, scenes_kept: list[int], args) -> tuple[object, float]:
-    """A fresh seeded toy UNet trained `args.steps` steps on the images of `scenes_kept`, and
-    its training seconds; with --reuse, the one kept in --kept by the same settings."""
+def train_model(name: str, toy, data: Callable[[], tuple], scenes_kept: list[int], args) -> tuple[object, float]:
+    """A fresh seeded toy UNet trained `args.steps` steps on the images of `scenes_kept` (of
+    `data()`), and its training seconds; with --reuse, the one kept in --kept by the same
+    settings; with --merge, that one or, where none is kept (a new checkout), the same seeded
+    training again."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -68,16 +73,16 @@ def train_model(name: str, toy, data, scenes_kept: list[int], args) -> tuple[obj
     path = Path(args.kept) / f"{name}.safetensors"
     settings = {"steps": str(args.steps), "lr": str(args.lr), "seed": str(args.seed), "per_scene": str(args.per_scene),
                 "scenes": json.dumps(scenes_kept)}
-    if args.reuse:
+    if args.reuse and (path.is_file() or not args.merge):
         if not path.is_file():
-            raise SystemExit(f"no kept UNet at {path}: run without --reuse/--merge to train it (or pass its --kept)")
+            raise SystemExit(f"no kept UNet at {path}: run without --reuse to train it (or pass its --kept)")
         with safe_open(str(path), "pt") as f:
             stored = f.metadata() or {}
         if any(stored.get(k) != v for k, v in settings.items()):
             raise SystemExit(f"{path} was trained with other settings ({stored}); run without --reuse to train it again")
         net.load_state_dict(load_file(str(path)))
         return mp, float(stored["train_seconds"])
-    latents, scene_idx, contexts, empty = data
+    latents, scene_idx, contexts, empty = data()
     mask = torch.isin(scene_idx, torch.tensor(scenes_kept))
     _, seconds = toy_train.train_unet(mp, latents[mask], scene_idx[mask], contexts, empty, minutes=1e6,
                                       max_steps=args.steps, seed=args.seed, lr=args.lr,
@@ -127,40 +132,6 @@ def forgotten_from_control(control_mp, toy, oracle_net, report: dict, recipes: d
                 "seconds": round(run["seconds"], 1)}
             print(f"{name} on the control, {concept}: {out[name][concept]}", flush=True)
     return out
-
-
-HARDENED = "hardened"
-HARDEN_IMAGES = {"count": 32, "seed": 500}  # the defender's pictures: not the attack's (probes: 8 from seed 100)
-
-
-def harden_settings() -> dict:
-    """What `hardened` sets beyond HardenConfig's defaults, and those defaults, for the report."""
-    import dataclasses
-    from fmn_pack.fmn_core.harden import HardenConfig
-    defaults = {k: v for k, v in dataclasses.asdict(HardenConfig()).items() if k not in ("keep", "templates", "seed")}
-    return {**defaults, "images": HARDEN_IMAGES, "templates": "the world's phrasing of the category (probes.TEMPLATES)",
-            "keep": "every scene prompt of the world without the concept"}
-
-
-def hardened(toy, run: dict, concept: str, seed: int) -> dict:
-    """`run` (one_run's) with its patch hardened by Harden Forget Patch's defaults: the
-    concept's own pictures (HARDEN_IMAGES), the world's phrasing of its category as the
-    template, and every scene prompt of the world without it in the keep list."""
-    import torch
-    from fmn_pack.fmn_core import patch as fmn_patch
-    from fmn_pack.fmn_core.harden import HardenConfig, harden
-    from fmn_pack.toybench import probes, world
-    mp, clip, vae = toy
-    forget_patch = fmn_patch.ForgetPatch(run["result"].lora, run["result"].metadata)
-    with torch.inference_mode():
-        images = probes.concept_latents(mp, vae, concept, **HARDEN_IMAGES)
-    config = HardenConfig(seed=seed, templates=(probes.TEMPLATES[probes.category(concept)],),
-                          keep=tuple(s.prompt for s in world.all_scenes() if concept not in s.concepts))
-    started = time.perf_counter()
-    result = harden(mp, clip, forget_patch, images, config)
-    seconds = time.perf_counter() - started
-    patched = fmn_patch.apply_patch(run["patched"], result.patch, 1.0)
-    return {**run, "patched": patched, "seconds": run["seconds"] + seconds}
 
 
 def table(report: dict) -> str:
@@ -220,7 +191,8 @@ def main(argv=None) -> None:
     ap.add_argument("--kept", default=str(KEPT), help="folder for the trained UNets")
     ap.add_argument("--reuse", action="store_true", help="measure the UNets kept in --kept again, without training")
     ap.add_argument("--merge", action="store_true",
-                    help="with the kept UNets, add these recipes to the existing --out (its model figures are kept)")
+                    help="with the kept UNets (the control trained again if none is kept), add these recipes to the "
+                         "existing --out (its model figures are kept)")
     ap.add_argument("--out", default=str(OUT / "retrain_floor.json"))
     args = ap.parse_args(argv)
     args.reuse = args.reuse or args.merge
@@ -240,7 +212,7 @@ def main(argv=None) -> None:
     report = (merged_report if args.merge else fresh_report)(args, probes.RECOVERY)
     toy = loader.load()
     oracle_net = loader.load_oracle()
-    data = None if args.reuse else training_data(toy, args.per_scene, args.seed)
+    data = functools.cache(lambda: training_data(toy, args.per_scene, args.seed))
     scenes = world.all_scenes()
     kept = {"control": list(range(len(scenes))),
             "retrain": [i for i, s in enumerate(scenes) if not set(s.concepts) & set(args.exclude)]}
