@@ -22,6 +22,7 @@ from workflow_api import WorkflowError, node_ids, nodes_of, set_inputs, ui_to_ap
 pytestmark = pytest.mark.server
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "out" / "test-artifacts"
 PROMPT_TIMEOUT_S = 300.0
 SIZE = 64
 SD15_ATTN2_LAYERS = 16
@@ -177,7 +178,8 @@ def test_every_node_explains_itself_in_the_ui(object_info: dict) -> None:
 
 def test_workflows_are_served_as_templates(server: ComfyServer) -> None:
     assert sorted(server.get("/workflow_templates")[PACK_DIR_NAME]) == ["attention_maps", "forget_concept", "forget_many", "mscore", "remove_nsfw",
-                                                                     "stack_patches", "toybench_forget", "toybench_token_rows"]
+                                                                     "stack_patches", "toybench_forget", "toybench_harden",
+                                                                     "toybench_token_rows"]
     served = server.get(f"/api/workflow_templates/{PACK_DIR_NAME}/forget_concept.json")
     assert served == load_workflow("forget_concept")
 
@@ -364,6 +366,23 @@ def test_forget_many_workflow_forgets_every_style_and_keeps_the_star(server: Com
     rates = oracle_rates(saved_images(server, entry, prompt), ("neon", "star"))
     assert rates["Before"]["neon"] >= 0.75 and rates["After"]["neon"] <= 0.25, rates
     assert rates["Before"]["star"] >= 0.75 and rates["After"]["star"] >= 0.75, rates
+
+
+def test_harden_workflow_closes_the_way_back_that_the_forget_patch_leaves(server: ComfyServer, object_info: dict) -> None:
+    """The shipped hardening workflow as a user queues it, on ToyBench: the moon is forgotten
+    and hardened; the same Recovery Attack (other pictures than hardening used) brings it back
+    through the forget patch alone, and far less through the hardened model. The hardening
+    patch is saved as one (fmn.mode harden)."""
+    prompt = ui_to_api(load_workflow("toybench_harden"), object_info)
+    entry = server.run_prompt(prompt, 3 * PROMPT_TIMEOUT_S)  # hardening: ~3 min on 2 CPU cores
+    rates = {title: r["moon"] for title, r in oracle_rates(saved_images(server, entry, prompt), ("moon",)).items()}
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "toybench_harden_rates.json").write_text(json.dumps(rates, indent=2) + "\n")  # for the README
+    assert rates["The concept (original model)"] >= 0.75 and rates["After: forgotten and hardened"] <= 0.25, rates
+    assert rates["Recovered: forget patch only"] >= rates["Recovered: hardened"] + 0.5, rates
+    (saved,) = server.patches_dir.glob("toybench_moon_hardening*.safetensors")
+    with safe_open(str(saved), "pt") as f:
+        assert f.metadata()["fmn.mode"] == "harden"
 
 
 def test_mscore_workflow_scores_the_forgotten_concept_and_draws_it_from_learned_tokens(server: ComfyServer, object_info: dict) -> None:
