@@ -389,8 +389,11 @@ return !!entry"""
 CLICK_CARD_JS = """const card = document.querySelector(`.p-dialog [data-testid='template-workflow-${arguments[0]}']`);
 if (card) card.click();
 return !!card"""
-THUMBNAILS_JS = """return [...document.querySelectorAll(".p-dialog [data-testid^='template-workflow-'] img")]
-  .map(img => img.complete && img.naturalWidth)"""
+# Each card's thumbnail: loaded or not. The dialog draws a card's image only once the card
+# scrolls into view (nine cards overflow it), so a card still without one is scrolled to.
+THUMBNAILS_JS = """const cards = [...document.querySelectorAll(".p-dialog [data-testid^='template-workflow-']")];
+cards.filter(card => !card.querySelector("img")).forEach(card => card.scrollIntoView({block: "nearest"}));
+return cards.map(card => { const img = card.querySelector("img"); return !!img && img.complete && img.naturalWidth; })"""
 
 
 def open_pack_templates(browser: WebDriver) -> None:
