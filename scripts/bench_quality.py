@@ -243,18 +243,25 @@ def recovery_attack(toy, oracle_net, trained: dict, seeds: list[int]) -> dict[st
     """FMN_RecoveryAttack's measurement for every single-concept patch of each recipe: the
     concept's images inverted from a generic word through the patched model, and the
     oracle's detection rate in samples of its template with the recovered tokens."""
-    import torch
-    from fmn_pack.toybench import probes, world
-    vae = toy[2]
+    from fmn_pack.toybench import world
     out: dict[str, dict[str, float]] = {}
-    with torch.inference_mode():
-        for (run_name, recipe), run in trained.items():
-            if run_name not in world.CONCEPTS:
-                continue
-            rate, _ = probes.recovery_rate(run["patched"], run["clip"], vae, oracle_net, run_name, seeds, **probes.RECOVERY)
-            out.setdefault(run_name, {})[recipe] = round(rate, 3)
-            print(f"recovery attack {run_name:14s} {recipe:14s} {rate:.2f}", flush=True)
+    for (run_name, recipe), run in trained.items():
+        if run_name not in world.CONCEPTS:
+            continue
+        rate = attack_rate(run["patched"], run["clip"], toy[2], oracle_net, run_name, seeds)
+        out.setdefault(run_name, {})[recipe] = rate
+        print(f"recovery attack {run_name:14s} {recipe:14s} {rate:.2f}", flush=True)
     return out
+
+
+def attack_rate(mp, clip, vae, oracle_net, concept: str, seeds: list[int]) -> float:
+    """One recovery attack (probes.RECOVERY: the concept's images inverted from a generic
+    word through `mp`), judged by the oracle on samples of the recovered tokens."""
+    import torch
+    from fmn_pack.toybench import probes
+    with torch.inference_mode():
+        rate, _ = probes.recovery_rate(mp, clip, vae, oracle_net, concept, seeds, **probes.RECOVERY)
+    return round(rate, 3)
 
 
 def precise_entry(toy, oracle_net, forgotten: list[str], run: dict, kept: float, base_cache: dict) -> dict:
@@ -435,9 +442,9 @@ def remeasure_recovery(toy, oracle_net, chosen: dict, recipes: dict, seeds: list
     report = json.loads(out.read_text())
     trained = {}
     for name, lines in chosen.items():
+        if name not in world.CONCEPTS:
+            continue
         for recipe in recipes:
-            if name not in world.CONCEPTS:
-                continue
             run = one_run(toy, lines, recipes[recipe], seed)
             if harden:
                 run = hardened(toy, run, name, seed)

@@ -39,8 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench import bootstrap  # noqa: E402
-from bench_quality import (HARDENED, OUT, RECIPES, SEEDS_IDENTITY, SEEDS_SCENE, harden_settings, hardened,  # noqa: E402
-                           one_run, rates, score)
+from bench_quality import (HARDENED, OUT, RECIPES, SEEDS_IDENTITY, SEEDS_SCENE, attack_rate,  # noqa: E402
+                           harden_settings, hardened, one_run, rates, score)
 
 KEPT = REPO / "out" / "retrain_floor"
 EXCLUDED = ("Captain Zorb", "moon", "zebra", "checkers")  # each category; the attack recovers them well
@@ -73,9 +73,9 @@ def train_model(name: str, toy, data: Callable[[], tuple], scenes_kept: list[int
     path = Path(args.kept) / f"{name}.safetensors"
     settings = {"steps": str(args.steps), "lr": str(args.lr), "seed": str(args.seed), "per_scene": str(args.per_scene),
                 "scenes": json.dumps(scenes_kept)}
-    if args.reuse and (path.is_file() or not args.merge):
-        if not path.is_file():
-            raise SystemExit(f"no kept UNet at {path}: run without --reuse to train it (or pass its --kept)")
+    if args.reuse and not path.is_file() and not args.merge:
+        raise SystemExit(f"no kept UNet at {path}: run without --reuse to train it (or pass its --kept)")
+    if args.reuse and path.is_file():
         with safe_open(str(path), "pt") as f:
             stored = f.metadata() or {}
         if any(stored.get(k) != v for k, v in settings.items()):
@@ -94,12 +94,9 @@ def train_model(name: str, toy, data: Callable[[], tuple], scenes_kept: list[int
 
 def recovery(mp, clip, vae, oracle_net, concept: str) -> float:
     """FMN_RecoveryAttack's measurement, judged by the oracle (bench_quality's settings)."""
-    import torch
-    from fmn_pack.toybench import probes
-    with torch.inference_mode():
-        rate, _ = probes.recovery_rate(mp, clip, vae, oracle_net, concept, list(SEEDS_IDENTITY), **probes.RECOVERY)
+    rate = attack_rate(mp, clip, vae, oracle_net, concept, list(SEEDS_IDENTITY))
     print(f"  recovery {concept:14s} {rate:.2f}", flush=True)
-    return round(rate, 3)
+    return rate
 
 
 def measure(mp, toy, oracle_net, excluded: list[str]) -> dict:
