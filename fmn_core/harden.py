@@ -200,8 +200,9 @@ def _kept_data(patched, clip, config: HardenConfig, shape: tuple[int, ...],
     conditioning: what must denoise as before."""
     empty = host.encode_pooled(clip, "")
     seeds = [config.seed + 1000 + i for i in range(config.samples_per_prompt)]
-    conditions = [host.encode_pooled(clip, prompt) for prompt in kept_prompts(config) for _ in seeds]
-    latents = _sampled(patched, conditions, empty, seeds * (len(conditions) // len(seeds)), shape, progress)
+    encoded = [host.encode_pooled(clip, prompt) for prompt in kept_prompts(config)]
+    conditions = [c for c in encoded for _ in seeds]
+    latents = _sampled(patched, conditions, empty, seeds * len(encoded), shape, progress)
     return latents.float(), conditions
 
 
@@ -217,8 +218,8 @@ def _sampled(patcher, conditions: list[Conditioning], empty: Conditioning, seeds
         rows = conditions[start:start + per_call]
         samples = host.sample(patcher, _stacked(rows), empty, seeds[start:start + per_call], shape)
         out.append(host.process_latent_in(patcher, samples))
-        for _ in rows:
-            if progress is not None:
+        if progress is not None:
+            for _ in rows:
                 progress.step()
     return torch.cat(out)
 
