@@ -389,11 +389,17 @@ return !!entry"""
 CLICK_CARD_JS = """const card = document.querySelector(`.p-dialog [data-testid='template-workflow-${arguments[0]}']`);
 if (card) card.click();
 return !!card"""
-# Each card's thumbnail: loaded or not. The dialog draws a card's image only once the card
-# scrolls into view (nine cards overflow it), so a card still without one is scrolled to.
-THUMBNAILS_JS = """const cards = [...document.querySelectorAll(".p-dialog [data-testid^='template-workflow-']")];
-cards.filter(card => !card.querySelector("img")).forEach(card => card.scrollIntoView({block: "nearest"}));
-return cards.map(card => { const img = card.querySelector("img"); return !!img && img.complete && img.naturalWidth; })"""
+CARD_NAMES_JS = """return [...document.querySelectorAll(".p-dialog [data-testid^='template-workflow-']")]
+.map(card => card.dataset.testid.slice('template-workflow-'.length))"""
+# One card's own thumbnail: loaded or not. The dialog draws a card's image only while the card
+# is in view and drops it once the card scrolls out (nine cards overflow the dialog), so the
+# card is scrolled into view first. A thumbnail that fails to load is replaced by the front
+# end's default picture, which is not the card's own (that one is drawn from a blob: URL).
+THUMBNAIL_JS = """const card = document.querySelector(`.p-dialog [data-testid='template-workflow-${arguments[0]}']`);
+if (!card) return false;
+card.scrollIntoView({block: "center"});
+return [...card.querySelectorAll("img")].some(img => !img.src.includes("default-template")
+  && img.complete && img.naturalWidth > 0)"""
 
 
 def open_pack_templates(browser: WebDriver) -> None:
@@ -410,9 +416,11 @@ def test_each_workflow_opens_from_the_templates_dialog(frontend: WebDriver) -> N
     names = sorted(path.stem for path in WORKFLOWS.glob("*.json"))
     for name in names:
         open_pack_templates(frontend)
+        WebDriverWait(frontend, PAGE_TIMEOUT_S, POLL_S / 4).until(
+            lambda d: sorted(d.execute_script(CARD_NAMES_JS)) == names,
+            "the pack's templates are not listed one card per shipped workflow")
         WebDriverWait(frontend, IMAGE_TIMEOUT_S, POLL_S / 4).until(
-            lambda d: len(d.execute_script(THUMBNAILS_JS)) == len(names) and all(d.execute_script(THUMBNAILS_JS)),
-            "the pack's template cards did not all show a loaded thumbnail")
+            lambda d: d.execute_script(THUMBNAIL_JS, name), f"{name}: its template card shows no loaded thumbnail")
         assert frontend.execute_script(CLICK_CARD_JS, name), f"no template card for {name}"
         expected = sorted(n["type"] for n in json.loads((WORKFLOWS / f"{name}.json").read_text())["nodes"])
         WebDriverWait(frontend, PAGE_TIMEOUT_S, POLL_S / 4).until(
