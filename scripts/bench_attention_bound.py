@@ -21,7 +21,17 @@ Beside them, the pack's aimed modes at the tests' paper budget, and aimed k/v wi
 without the held-out prompts named in its keep list, on the SD1 layout and (fewer rows) on
 the SD2 layout. Every row is measured on the held-out set.
 
-    .venv/bin/python scripts/bench_attention_bound.py              # ~11 min on 2 CPU cores
+A linear update of the keys moves every word whose embedding it does not annul, and a
+method cannot annul words it never saw. The `gated` rows test the way out: the same fit
+on own prompts, as a low-rank edit of the key input (rank 2) that acts only where a gate
+opens. The gate compares each context vector with the concept's token vectors in its own
+templates (cosine): shut at or below the largest similarity of any token of the preserve
+prompts (plus a margin), fully open at the concept tokens' leave-one-template-out
+similarity. `gated, concept tokens`: the edit acts on the concept's tokens alone; `gated,
+whole prompt`: on every token of a prompt where the gate opens anywhere. A prompt without
+the concept passes unchanged either way.
+
+    .venv/bin/python scripts/bench_attention_bound.py              # ~13 min on 2 CPU cores
     .venv/bin/python scripts/bench_attention_bound.py --steps 2 --out /tmp/b.json   # smoke
 
 Writes bench/attention_bound.json.
@@ -44,6 +54,9 @@ from bench import bootstrap  # noqa: E402
 
 CONCEPT = "van gogh"  # the Forget Train tests' concept, in their category
 FITS = {"k, rank 2": (("to_k",), 2), "k/v, rank 8": (("to_k", "to_v"), 8)}
+GATED = {"gated, concept tokens": False, "gated, whole prompt": True}  # name -> whole prompt
+GATED_RANK = 2
+GATE_MARGIN = 0.05
 TOLERANCE = 0.02   # a word's relative change the fit's penalty lets pass
 PENALTY = 100.0
 SHARE_FLOOR = 0.1  # the fit stops pushing a concept share below this ratio
@@ -65,12 +78,13 @@ def pack_runs(modes: tuple[str, ...], keep_steps: tuple[int, ...]) -> dict[str, 
 def pack_rows(model, clip, runs: dict[str, dict], prefix: str = "") -> dict:
     """Each pack run trained on `model` and measured on the held-out set."""
     from attention_checks import RESOLUTION
+    from fmn_pack.fmn_core import host
     from fmn_pack.fmn_core.concepts import parse_concepts
     from fmn_pack.fmn_core.train import ForgetConfig, forget
     rows = {}
     for name, config in runs.items():
         result = forget(model, clip, parse_concepts(f"{CONCEPT} | style"), ForgetConfig(resolution=RESOLUTION, **config))
-        rows[prefix + name] = measured(model, clip, result.lora)
+        rows[prefix + name] = measured(model, clip, host.apply_lora(model, result.lora, 1.0))
         print(f"{prefix + name}: {rows[prefix + name]}", flush=True)
     return rows
 
@@ -96,23 +110,116 @@ def fit_loss(now, before, batch: list, n_concept: int):
 
 
 def fit(model, clip, prompt_set: tuple[tuple[str, ...], list[str]], projections: tuple[str, ...], rank: int, steps: int,
-        lr: float, seed: int) -> dict:
-    """A LoRA fitted to the attention shares of `prompt_set`; returns it in the patch format."""
+        lr: float, seed: int):
+    """A LoRA fitted to the attention shares of `prompt_set`; returns the patched model."""
+    import torch
+    from fmn_pack.fmn_core import host
+    from fmn_pack.fmn_core.lora import LowRankDelta, disabled, export_kohya
+
+    generator = torch.Generator().manual_seed(seed)
+    deltas = {key: LowRankDelta.free(o, i, rank, layer.dim_head ** -0.5, generator)
+              for layer in host.attn2_layers(model)
+              for key, (o, i) in host.weight_shapes(model, [layer.weight_key(p) for p in projections]).items()}
+    params = [p for d in deltas.values() for p in d.parameters() if p.requires_grad]
+    fit_shares(model.clone(), deltas, params, lambda: disabled(deltas), clip, prompt_set, steps, lr, seed, generator)
+    return host.apply_lora(model, export_kohya(deltas), 1.0)
+
+
+class ConceptGate:
+    """Opens (0..1) on context vectors like the concept's tokens in its own templates, and
+    stays shut on every token of the preserve prompts (see the module's docstring)."""
+
+    def __init__(self, clip, templates: tuple[str, ...], others: list[str], whole_prompt: bool) -> None:
+        import torch
+        import attention_checks as ac
+        from fmn_pack.fmn_core import host
+        per_template = [self._unit(host.encode_pooled(clip, p)[0][0][ac.concept_columns(clip, CONCEPT, p)])
+                        for p in (t.format(CONCEPT) for t in templates)]
+        self.centroids = self._unit(torch.cat(per_template))
+        self.shut = max(float(self.similarity(host.encode_pooled(clip, p)[0][0]).max()) for p in others) + GATE_MARGIN
+        self.open = min(float((rows @ self._unit(torch.cat(per_template[:i] + per_template[i + 1:])).T).max(-1).values.min())
+                        for i, rows in enumerate(per_template))
+        if self.shut >= self.open:
+            raise ValueError(f"the concept's tokens ({self.open:.3f}) are no more like each other than like the "
+                             f"preserve prompts' ({self.shut:.3f}): no gate separates them")
+        self.whole_prompt, self.enabled = whole_prompt, True
+
+    @staticmethod
+    def _unit(x):
+        x = x.float()
+        return x / x.norm(dim=-1, keepdim=True)
+
+    def similarity(self, context):
+        return (self._unit(context) @ self.centroids.T).max(-1).values
+
+    def __call__(self, context):
+        """(B, T, 1) gate values for a context (B, T, D)."""
+        gate = ((self.similarity(context) - self.shut) / (self.open - self.shut)).clamp(0, 1)
+        if self.whole_prompt:
+            gate = gate.max(dim=-1, keepdim=True).values.expand_as(gate)
+        return gate.unsqueeze(-1).to(context.dtype) * float(self.enabled)
+
+
+def gated_key_edit(layers: list, factors: dict, gate: ConceptGate):
+    """The host's attn2 patch: each layer's key input plus its gated low-rank edit; the
+    value input is left as it was."""
+    by_block = {layer.block: layer.module for layer in layers}
+
+    def patch(n, context, value, extra_options):
+        block = extra_options["block"]
+        down, up = factors[by_block[block[0], block[1], extra_options["block_index"]]]
+        return n, context + gate(context) * ((context @ down.T) @ up.T), value
+
+    return patch
+
+
+def gated_fit(model, clip, prompt_set: tuple[tuple[str, ...], list[str]], whole_prompt: bool, rank: int, steps: int,
+              lr: float, seed: int):
+    """The fit as a gated edit of the key input; returns the patched model."""
+    import contextlib
+    import torch
+    from fmn_pack.fmn_core import host
+
+    gate = ConceptGate(clip, *prompt_set, whole_prompt)
+    generator = torch.Generator().manual_seed(seed)
+    layers = host.attn2_layers(model)
+    width = layers[0].context_dim
+    factors = {layer.module: (torch.randn(rank, width, generator=generator) * width ** -0.5, torch.zeros(width, rank))
+               for layer in layers}
+    params = [t.requires_grad_(True) for pair in factors.values() for t in pair]
+    clone = model.clone()
+    clone.set_model_attn2_patch(gated_key_edit(layers, factors, gate))
+
+    @contextlib.contextmanager
+    def shut():
+        gate.enabled = False
+        try:
+            yield
+        finally:
+            gate.enabled = True
+
+    fit_shares(clone, {}, params, shut, clip, prompt_set, steps, lr, seed, generator)
+    for t in params:
+        t.requires_grad_(False)
+    patched = model.clone()
+    patched.set_model_attn2_patch(gated_key_edit(layers, factors, gate))
+    return patched
+
+
+def fit_shares(clone, wrappers: dict, params: list, original, clip, prompt_set: tuple[tuple[str, ...], list[str]],
+               steps: int, lr: float, seed: int, generator) -> None:
+    """Gradient descent of `params` (an update installed on `clone`, as weight `wrappers`
+    or as a patch of its own) on fit_loss; `original()` switches the update off for the
+    pass that gives the shares before it."""
     import torch
     import attention_checks as ac
     from fmn_pack.fmn_core import host
     from fmn_pack.fmn_core.attention import TokenShare, make_attn2_replace
-    from fmn_pack.fmn_core.lora import LowRankDelta, disabled, export_kohya
 
-    layers = host.attn2_layers(model)
-    generator = torch.Generator().manual_seed(seed)
-    deltas = {key: LowRankDelta.free(o, i, rank, layer.dim_head ** -0.5, generator)
-              for layer in layers
-              for key, (o, i) in host.weight_shapes(model, [layer.weight_key(p) for p in projections]).items()}
-    params = [p for d in deltas.values() for p in d.parameters() if p.requires_grad]
-    sink, clone = TokenShare(grad=True), model.clone()
+    sink = TokenShare(grad=True)
+    layers = host.attn2_layers(clone)
     host.register_attn2(clone, layers, lambda layer, previous: make_attn2_replace(layer.module, sink, previous))
-    sampling, size = host.model_sampling(model), ac.RESOLUTION // 8
+    sampling, size = host.model_sampling(clone), ac.RESOLUTION // 8
     templates, prompts = prompt_set
     concepts = [(host.encode_pooled(clip, p)[0], ac.concept_columns(clip, CONCEPT, p)) for p in (t.format(CONCEPT) for t in templates)]
     others = [(host.encode_pooled(clip, p)[0], ac.word_positions(clip, p)) for p in prompts]
@@ -121,7 +228,7 @@ def fit(model, clip, prompt_set: tuple[tuple[str, ...], list[str]], projections:
     with torch.inference_mode(False):
         optimizer = torch.optim.Adam(params, lr=lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)  # settles the noisy random-latent steps
-        with host.trainable_unet(clone, deltas) as unet:
+        with host.trainable_unet(clone, wrappers) as unet:
             def shares(x, sigma, context):
                 sink.reset()
                 unet(x, sigma, context, None)
@@ -134,22 +241,19 @@ def fit(model, clip, prompt_set: tuple[tuple[str, ...], list[str]], projections:
                 sigma = sampling.sigma(torch.randint(50, 950, (len(batch),), generator=generator).float())
                 x = sampling.noise_scaling(sigma.reshape(-1, 1, 1, 1), noise, latent)
                 context = torch.cat([c for c, _ in batch])
-                with torch.no_grad(), disabled(deltas):
+                with torch.no_grad(), original():
                     before = shares(x, sigma, context)
                 loss = fit_loss(shares(x, sigma, context), before, batch, n_concept)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 schedule.step()
-    return export_kohya(deltas)
 
 
-def measured(model, clip, lora: dict, prompt_set: tuple[tuple[str, ...], list[str]] | None = None) -> dict:
+def measured(model, clip, patched, prompt_set: tuple[tuple[str, ...], list[str]] | None = None) -> dict:
     """The held-out measurement of tests/attention_checks.py; with `prompt_set`, the same two
     figures on those prompts too (a fit's own training prompts)."""
     import attention_checks as ac
-    from fmn_pack.fmn_core import host
-    patched = host.apply_lora(model, lora, 1.0)
     out = {"share_after_over_before": round(ac.concept_share_ratio(model, patched, clip, CONCEPT), 3),
            "largest_other_word_change": round(ac.worst_word_change(model, patched, clip), 3)}
     if prompt_set is not None:
@@ -163,6 +267,7 @@ def measured(model, clip, lora: dict, prompt_set: tuple[tuple[str, ...], list[st
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=400, help="steps of each fit")
+    ap.add_argument("--gated-steps", type=int, default=200, help="steps of each gated fit")
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(REPO / "bench" / "attention_bound.json"))
@@ -177,14 +282,22 @@ def main(argv=None) -> None:
     for set_name, prompt_set in prompt_sets().items():
         for fit_name, (projections, rank) in FITS.items():
             t0 = time.perf_counter()
-            lora = fit(model, clip, prompt_set, projections, rank, args.steps, args.lr, args.seed)
+            patched = fit(model, clip, prompt_set, projections, rank, args.steps, args.lr, args.seed)
             name = f"fit on {set_name}, {fit_name}"
-            rows[name] = {**measured(model, clip, lora, prompt_set), "fit_seconds": round(time.perf_counter() - t0, 1)}
+            rows[name] = {**measured(model, clip, patched, prompt_set), "fit_seconds": round(time.perf_counter() - t0, 1)}
             print(f"{name}: {rows[name]}", flush=True)
+    own = prompt_sets()["own prompts"]
+    for gated_name, whole_prompt in GATED.items():
+        t0 = time.perf_counter()
+        patched = gated_fit(model, clip, own, whole_prompt, GATED_RANK, args.gated_steps, args.lr, args.seed)
+        name = f"fit on own prompts, {gated_name}, key input rank {GATED_RANK}"
+        rows[name] = {**measured(model, clip, patched, own), "fit_seconds": round(time.perf_counter() - t0, 1)}
+        print(f"{name}: {rows[name]}", flush=True)
     rows.update(pack_rows(hm.sd2_model(), hm.sd2_clip(), runs["SD2"], "SD2 layout, "))
     report = {"target": {"share_after_over_before": "<= 0.2", "largest_other_word_change": "< 0.05"},
               "settings": {"concept": CONCEPT, "steps": args.steps, "lr": args.lr, "seed": args.seed,
                            "tolerance": TOLERANCE, "penalty": PENALTY, "share_floor": SHARE_FLOOR,
+                           "gated_steps": args.gated_steps, "gate_margin": GATE_MARGIN,
                            "pack_runs": runs},
               "rows": rows,
               "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
