@@ -449,7 +449,7 @@ def remeasure_recovery(toy, oracle_net, chosen: dict, recipes: dict, seeds: list
             if harden:
                 run = hardened(toy, run, name, seed)
                 report.setdefault("hardened", {}).setdefault(name, {})[recipe] = hardened_entry(
-                    toy, oracle_net, run, name, report["base"], seeds)
+                    toy, oracle_net, run, name, report)
             trained[name, f"{recipe} + {HARDENED}" if harden else recipe] = run
     for concept, by_recipe in recovery_attack(toy, oracle_net, trained, seeds).items():
         report.setdefault("recovery_attack", {}).setdefault(concept, {}).update(by_recipe)
@@ -458,11 +458,12 @@ def remeasure_recovery(toy, oracle_net, chosen: dict, recipes: dict, seeds: list
     rewrite_report(report, out)
 
 
-def hardened_entry(toy, oracle_net, run: dict, concept: str, base: dict, seeds: list[int]) -> dict:
+def hardened_entry(toy, oracle_net, run: dict, concept: str, report: dict) -> dict:
     """A hardened single-concept patch's figures beside its recovery: the concept's detection
-    on its own prompts, the others kept (after / before) and the seconds of both stages."""
-    after = rates(run["patched"], toy, oracle_net, (seeds, list(SEEDS_SCENE)), clip=run["clip"])
-    entry = {"detection": round(after[concept], 3), "kept": score(base, after, [concept])["kept"],
+    on its own prompts, the others kept (after / before) and the seconds of both stages.
+    Measured on the report's own seeds (not --quick's), those of the base it is divided by."""
+    after = rates(run["patched"], toy, oracle_net, (report["seeds_identity"], report["seeds_scene"]), clip=run["clip"])
+    entry = {"detection": round(after[concept], 3), "kept": score(report["base"], after, [concept])["kept"],
              "seconds": round(run["seconds"], 1)}
     print(f"hardened {concept}: {entry}", flush=True)
     return entry
