@@ -28,6 +28,8 @@ from typing import Any, Iterator
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = REPO / "workflows"                  # the shipped example workflows
+ARTIFACTS = REPO / "out" / "test-artifacts"     # what the server and browser tests leave to look at
 HOST = Path(os.environ.get("FMN_COMFYUI", REPO / ".host" / "ComfyUI"))
 PACK_DIR_NAME = "comfyui-forget-me-not"
 PATCH_FOLDER = "forget_patches"

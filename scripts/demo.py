@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from comfy_server import running_server  # noqa: E402
+from comfy_server import WORKFLOWS, running_server  # noqa: E402
 from workflow_api import node_ids, nodes_of, set_inputs, ui_to_api  # noqa: E402
 
 OUT = REPO / "out" / "demo"
@@ -42,7 +42,7 @@ def stage(message: str) -> None:
 
 def toy_prompt(workflow: str, object_info: dict) -> dict:
     """An example workflow in API form, on the toy model: the loader swapped, 32 px, no negative words."""
-    prompt = ui_to_api(json.loads((REPO / "workflows" / workflow).read_text()), object_info)
+    prompt = ui_to_api(json.loads((WORKFLOWS / workflow).read_text()), object_info)
     for node_id in node_ids(prompt, "CheckpointLoaderSimple"):
         prompt[node_id] = {"class_type": "FMN_LoadToyBench", "inputs": {}}
     set_inputs(prompt, "EmptyLatentImage", width=SIZE, height=SIZE, batch_size=BATCH)
@@ -105,7 +105,7 @@ def stacked(server, object_info: dict, patches: list[str], strength: float, text
 
 def mscore_run(server, object_info: dict, oracle) -> dict:
     """The shipped M-Score workflow as it is: M-Score table, anchors and learned-token samples."""
-    prompt = ui_to_api(json.loads((REPO / "workflows" / "mscore.json").read_text()), object_info)
+    prompt = ui_to_api(json.loads((WORKFLOWS / "mscore.json").read_text()), object_info)
     started = time.monotonic()
     entry = server.run_prompt(prompt, timeout_s=900)
     seconds = time.monotonic() - started

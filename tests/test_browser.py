@@ -26,14 +26,13 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
-from comfy_server import PACK_DIR_NAME, ComfyServer, running_server
+from comfy_server import ARTIFACTS, PACK_DIR_NAME, WORKFLOWS, ComfyServer, running_server
 from fmn_pack.nodes import NODE_DISPLAY_NAME_MAPPINGS
 
 pytestmark = pytest.mark.server
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOW = REPO / "workflows" / "attention_maps.json"
-ARTIFACTS = REPO / "out" / "test-artifacts"
+WORKFLOW = WORKFLOWS / "attention_maps.json"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -340,7 +339,6 @@ def test_every_help_page_opens_from_the_node_library(frontend: WebDriver, pack_n
 
 # --- workflow thumbnails for the templates browser -----------------------------------------
 
-WORKFLOWS = REPO / "workflows"
 SHOW_WORKFLOW_JS = """const app = window.comfyAPI.app.app, [left, top] = arguments[1];
 await app.loadGraphData(arguments[0]);
 const title = window.LiteGraph.NODE_TITLE_HEIGHT, nodes = app.graph.nodes;

@@ -16,13 +16,11 @@ from PIL import Image
 from safetensors import safe_open
 
 from checkpoints import CHECKPOINT_NAME, random_sd15_checkpoint
-from comfy_server import PACK_DIR_NAME, ComfyServer, running_server
+from comfy_server import ARTIFACTS, PACK_DIR_NAME, WORKFLOWS, ComfyServer, running_server
 from workflow_api import WorkflowError, node_ids, nodes_of, set_inputs, ui_to_api
 
 pytestmark = pytest.mark.server
 
-WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
-ARTIFACTS = Path(__file__).resolve().parents[1] / "out" / "test-artifacts"
 PROMPT_TIMEOUT_S = 300.0
 SIZE = 64
 SD15_ATTN2_LAYERS = 16
