@@ -116,6 +116,10 @@ def check_hardenable(patch: ForgetPatch) -> None:
     if mode == HARDEN_MODE:
         raise ValueError("this is already a hardening patch: connect the forget patch it hardens (Forget Train's or "
                          "Load Forget Patch's output)")
+    if patch.gated:
+        raise ValueError("a gated patch (mode 'gated k') leaves every prompt without the concept's words as it was, "
+                         "which is the way an attack comes back, so hardening it is not supported: harden a patch of "
+                         "the default mode (aimed k/v)")
     if patch.text_modules():
         raise ValueError("a 'token rows' patch edits the text encoder and leaves the UNet as it was, so there is "
                          "nothing in the UNet to harden: train the concept with another mode (the default aimed k/v)")

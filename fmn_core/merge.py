@@ -45,6 +45,10 @@ def check_mergeable(patches: list[ForgetPatch]) -> None:
         problems = structure_problems(patch)
         if problems:
             raise ValueError(f"patch {i} is not a valid forget patch: " + "; ".join(problems[:3]))
+        if patch.gated:
+            raise ValueError(f"patch {i} is a gated patch (mode 'gated k'), whose edit acts behind its own gate and "
+                             "cannot be fused into a LoRA: apply it after the merged patch with another Apply Forget "
+                             "Patch (patches stack)")
         if patch.metadata.get("fmn.mode") == HARDEN_MODE:
             raise ValueError(f"patch {i} is a hardening patch (Harden Forget Patch), which holds no concept's edit to "
                              "fuse: merge the forget patches, then harden the merged patch")

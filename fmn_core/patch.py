@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import host
+from . import gate, host
 from .files import atomic_write
 from .lora import FULL_RANK, is_text_module
 from .safetensors_check import load_checked
@@ -45,6 +45,11 @@ class ForgetPatch:
     def base_arch(self) -> str | None:
         return self.metadata.get("fmn.base_arch")
 
+    @property
+    def gated(self) -> bool:
+        """A gated edit of the key input (mode 'gated k', gate.py), not a LoRA."""
+        return gate.is_gated(self.lora)
+
     def modules(self) -> list[str]:
         return sorted({k[: -len(s)] for k in self.lora for s in SUFFIXES if k.endswith(s)})
 
@@ -61,21 +66,23 @@ class ForgetPatch:
 
 USAGE_MODEL = ("Apply to the MODEL only (Apply Forget Patch or LoraLoaderModelOnly) at strength 1; "
                "lower strength forgets less.")
+USAGE_GATED = ("Apply with Apply Forget Patch (Forget-Me-Not) at strength 1: a gated edit of the key input, not a "
+               "LoRA, so LoRA loaders do not apply it.")
 USAGE_CLIP = ("Apply to the CLIP (Apply Forget Patch with its clip input, or LoraLoader): it edits the text encoder's "
               "rows of the concept's words; strength 1, lower strength forgets less.")
 
 
 def model_card(arch: str, concepts: list[str], categories: list[str], steps: int, mode: str,
-               edits_text: bool = False) -> dict[str, str]:
+               edits_text: bool = False, gated: bool = False) -> dict[str, str]:
     """The `modelspec.*` header fields that ComfyUI's Model Library (and other LoRA tools)
     show for a file, so a patch says what it does without being opened."""
     named = ", ".join(f"{c} ({k})" for c, k in zip(concepts, categories))
     return {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{MODELSPEC_ARCH.get(arch, arch)}/lora",
+        "modelspec.architecture": f"{MODELSPEC_ARCH.get(arch, arch)}/{'forget-me-not-gated' if gated else 'lora'}",
         "modelspec.title": "Forget " + ", ".join(concepts),
         "modelspec.description": f"Forget-Me-Not patch: the model forgets {named}. Trained {steps} steps, mode {mode}.",
-        "modelspec.usage_hint": USAGE_CLIP if edits_text else USAGE_MODEL,
+        "modelspec.usage_hint": USAGE_CLIP if edits_text else USAGE_GATED if gated else USAGE_MODEL,
         "modelspec.tags": ", ".join(["forget-me-not", "concept erasure", *concepts]),
     }
 
@@ -109,6 +116,8 @@ def load_patch(path: str | os.PathLike) -> ForgetPatch:
 
 def structure_problems(patch: ForgetPatch) -> list[str]:
     """What is wrong with the patch on its own (keys, factor shapes, values)."""
+    if patch.gated:
+        return gate.file_problems(patch.lora, patch.metadata) + _finite_problems(patch) + metadata_problems(patch.metadata)
     problems = []
     unknown = [k for k in patch.lora if not k.endswith(SUFFIXES)]
     if unknown:
@@ -124,10 +133,12 @@ def structure_problems(patch: ForgetPatch) -> list[str]:
         alpha = patch.lora.get(f"{module}.alpha")
         if alpha is not None and alpha.numel() != 1:
             problems.append(f"{module}.alpha holds {alpha.numel()} values, not one")
+    return problems + _finite_problems(patch) + metadata_problems(patch.metadata)
+
+
+def _finite_problems(patch: ForgetPatch) -> list[str]:
     bad = [k for k, v in patch.lora.items() if not torch.isfinite(v.float()).all()]
-    if bad:
-        problems.append(f"non-finite values in {bad[:3]}")
-    return problems + metadata_problems(patch.metadata)
+    return [f"non-finite values in {bad[:3]}"] if bad else []
 
 
 def metadata_problems(metadata: dict[str, str]) -> list[str]:
@@ -157,6 +168,8 @@ def compatibility_problems(patch: ForgetPatch, patcher, clip=None) -> list[str]:
     arch = host.model_arch(patcher)
     if patch.base_arch is not None and patch.base_arch != arch:
         problems.append(f"the patch was made for {patch.base_arch}, the model is {arch}")
+    if patch.gated:
+        return problems + gate.fit_problems(patch.lora, host.attn2_layers(patcher))
     key_map = host.lora_key_map(patcher)
     modules = patch.unet_modules()
     shapes = host.weight_shapes(patcher, [key_map[m] for m in modules if m in key_map])
@@ -208,13 +221,15 @@ def apply_patch(patcher, patch: ForgetPatch, strength: float):
     """A patched clone of `patcher`; the input model is never modified. A patch with a
     text-encoder side needs `apply_patch_with_clip`."""
     _checked(patch, patcher, strength)
+    if patch.gated:
+        return gate.applied(patcher, patch.lora, patch.metadata, strength)
     return host.apply_lora(patcher, patch.lora, strength)
 
 
 def apply_patch_with_clip(patcher, clip, patch: ForgetPatch, strength: float) -> tuple:
     """(patched model, patched CLIP), both clones; the CLIP is passed through unchanged
     when the patch has no text-encoder side."""
-    _checked(patch, patcher, strength, clip)
     if not patch.text_modules():
-        return host.apply_lora(patcher, patch.lora, strength), clip
+        return apply_patch(patcher, patch, strength), clip
+    _checked(patch, patcher, strength, clip)
     return host.apply_lora(patcher, patch.lora, strength, clip)

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import aim, host
+from . import aim, gate, host
 from .attention import ColumnEnergy, make_attn2_replace
 from .checkpoint import Checkpoints, TrainingState, capture, resumed, save_state, settings_of, starting_state, state_path
 from .concepts import Concept, keep_prompts, preserve_prompts, with_kept
@@ -49,6 +49,7 @@ class TrainMode:
     description: str
     dense: bool = False  # whole-matrix updates (the reference recipe), not low-rank
     token_rows: bool = False  # the concept's rows of the text encoder's token table, no UNet weight (token_rows.py)
+    gated: bool = False  # an edit of the key input behind a gate on the concept's token vectors (gate.py)
 
 
 MODES: dict[str, TrainMode] = {
@@ -61,6 +62,10 @@ MODES: dict[str, TrainMode] = {
     "token rows": TrainMode((), False, "the concept's own words' rows in the text encoder, UNet untouched: prompts "
                                        "without those words stay exactly as they were, but other phrasings still reach "
                                        "the concept (connect the CLIP output)", token_rows=True),
+    "gated k": TrainMode(("to_k",), False, "an edit of the key input behind a gate that opens only on prompts with "
+                                           "the concept's words: prompts without them reach the UNet exactly as they "
+                                           "were; not a LoRA (only this pack applies it), and other phrasings that "
+                                           "do not open the gate still reach the concept", gated=True),
 }
 
 
@@ -401,10 +406,10 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
     Mode 'token rows' trains the text encoder's rows instead (`token_rows.py`)."""
     config.validate()
     mode = MODES[config.mode]
+    if (mode.token_rows or mode.gated) and (checkpoints is not None or resume is not None):
+        raise ValueError(f"mode '{config.mode}' trains in seconds and writes no checkpoints: set save_every to 0 and "
+                         "resume_from to none")
     if mode.token_rows:
-        if checkpoints is not None or resume is not None:
-            raise ValueError("mode 'token rows' trains in seconds and writes no checkpoints: set save_every to 0 and "
-                             "resume_from to none")
         from .token_rows import forget_token_rows  # imports this module: the text-encoder side builds on its loss
 
         return forget_token_rows(patcher, clip, concepts, config, latents, progress)
@@ -413,6 +418,7 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
     settings = settings_of(config, concepts=[c.text for c in concepts], base_fingerprint=host.model_fingerprint(patcher, layers))
     state = starting_state(resume, checkpoints, settings, config.steps)
     examples = build_examples(clip, concepts, config.include_end_token, config.keep)
+    concept_gate = gate_for(clip, examples) if mode.gated else None
     preserve = preserved(clip, examples) if mode.aimed else None
     basis, owners = concept_basis(examples, preserve, len(concepts), config.rank) if mode.aimed else (None, None)
     rank = basis.shape[1] if mode.aimed else config.rank
@@ -423,18 +429,21 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
     sampling = host.model_sampling(patcher)
 
     with torch.inference_mode(False):
-        deltas = build_deltas(patcher, layers, mode, rank, basis, generator)
+        deltas = gate.key_input_edits(layers, rank, generator) if mode.gated else build_deltas(
+            patcher, layers, mode, rank, basis, generator)
         params = [p for d in deltas.values() for p in d.parameters() if p.requires_grad]
         for d in deltas.values():
             d.to(device)
         optimizer = make_optimizer(params, config, owners)
         sink = ColumnEnergy()
         clone = patcher.clone()
+        if concept_gate is not None:
+            clone.set_model_attn2_patch(gate.gated_key_patch(layers, deltas, concept_gate))
         host.register_attn2(clone, layers, lambda layer, previous: make_attn2_replace(layer.module, sink, previous))
         precision = Precision(config.precision, device)
         blocks = host.unet_blocks(clone) if config.gradient_checkpointing else []
         start, losses = resumed(state, params, optimizer, generator, progress)
-        with host.trainable_unet(clone, deltas) as unet, checkpointed(blocks, sink.recomputing):
+        with host.trainable_unet(clone, {} if mode.gated else deltas) as unet, checkpointed(blocks, sink.recomputing):
             if config.warm_starts(len(concepts)) and state is None:
                 warm_start(clone, deltas, examples, preserve)
             for step in range(start, config.steps):
@@ -457,11 +466,19 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
         for p in params:
             p.requires_grad_(False)
 
-    lora = export_kohya(deltas)
+    lora, gate_fields = gate.to_file(deltas, concept_gate) if mode.gated else (export_kohya(deltas), {})
     check_finite_tensors(lora)
-    metadata = describe(patcher, layers, concepts, config, rank, losses)
+    metadata = {**describe(patcher, layers, concepts, config, rank, losses), **gate_fields}
     log.info("Forget-Me-Not: %d steps, loss %.4f -> %.4f", config.steps, losses[0], losses[-1])
     return ForgetResult(lora, metadata, losses)
+
+
+def gate_for(clip, examples: list[Example]) -> gate.ConceptGate:
+    """Mode 'gated k': the gate from the concepts' tokens in their training prompts, shut on
+    every token of the preserve prompts and of the kept prompts."""
+    rows = [e.context[0][e.mask > 0] for e in examples if e.concept != KEEP]
+    others = [host.encode(clip, p)[0] for p in preserve_prompts() if p] + [e.context[0] for e in examples if e.concept == KEEP]
+    return gate.ConceptGate.fit(rows, others, whole_prompt=True)
 
 
 def make_optimizer(params: list[torch.Tensor], config: ForgetConfig, owners: torch.Tensor | None) -> torch.optim.Optimizer:
@@ -592,7 +609,7 @@ def describe(patcher, layers, concepts: list[Concept], config: ForgetConfig, ran
     from . import __version__
 
     card = model_card(host.model_arch(patcher), [c.text for c in concepts], [c.category for c in concepts],
-                      config.steps, config.mode, MODES[config.mode].token_rows)
+                      config.steps, config.mode, MODES[config.mode].token_rows, MODES[config.mode].gated)
     return {
         **card,
         "fmn.format": "forget-me-not/1",

@@ -56,7 +56,6 @@ CONCEPT = "van gogh"  # the Forget Train tests' concept, in their category
 FITS = {"k, rank 2": (("to_k",), 2), "k/v, rank 8": (("to_k", "to_v"), 8)}
 GATED = {"gated, concept tokens": False, "gated, whole prompt": True}  # name -> whole prompt
 GATED_RANK = 2
-GATE_MARGIN = 0.05
 TOLERANCE = 0.02   # a word's relative change the fit's penalty lets pass
 PENALTY = 100.0
 SHARE_FLOOR = 0.1  # the fit stops pushing a concept share below this ratio
@@ -125,70 +124,26 @@ def fit(model, clip, prompt_set: tuple[tuple[str, ...], list[str]], projections:
     return host.apply_lora(model, export_kohya(deltas), 1.0)
 
 
-class ConceptGate:
-    """Opens (0..1) on context vectors like the concept's tokens in its own templates, and
-    stays shut on every token of the preserve prompts (see the module's docstring)."""
-
-    def __init__(self, clip, templates: tuple[str, ...], others: list[str], whole_prompt: bool) -> None:
-        import torch
-        import attention_checks as ac
-        from fmn_pack.fmn_core import host
-        per_template = [self._unit(host.encode_pooled(clip, p)[0][0][ac.concept_columns(clip, CONCEPT, p)])
-                        for p in (t.format(CONCEPT) for t in templates)]
-        self.centroids = self._unit(torch.cat(per_template))
-        self.shut = max(float(self.similarity(host.encode_pooled(clip, p)[0][0]).max()) for p in others) + GATE_MARGIN
-        self.open = min(float((rows @ self._unit(torch.cat(per_template[:i] + per_template[i + 1:])).T).max(-1).values.min())
-                        for i, rows in enumerate(per_template))
-        if self.shut >= self.open:
-            raise ValueError(f"the concept's tokens ({self.open:.3f}) are no more like each other than like the "
-                             f"preserve prompts' ({self.shut:.3f}): no gate separates them")
-        self.whole_prompt, self.enabled = whole_prompt, True
-
-    @staticmethod
-    def _unit(x):
-        x = x.float()
-        return x / x.norm(dim=-1, keepdim=True)
-
-    def similarity(self, context):
-        return (self._unit(context) @ self.centroids.T).max(-1).values
-
-    def __call__(self, context):
-        """(B, T, 1) gate values for a context (B, T, D)."""
-        gate = ((self.similarity(context) - self.shut) / (self.open - self.shut)).clamp(0, 1)
-        if self.whole_prompt:
-            gate = gate.max(dim=-1, keepdim=True).values.expand_as(gate)
-        return gate.unsqueeze(-1).to(context.dtype) * float(self.enabled)
-
-
-def gated_key_edit(layers: list, factors: dict, gate: ConceptGate):
-    """The host's attn2 patch: each layer's key input plus its gated low-rank edit; the
-    value input is left as it was."""
-    by_block = {layer.block: layer.module for layer in layers}
-
-    def patch(n, context, value, extra_options):
-        block = extra_options["block"]
-        down, up = factors[by_block[block[0], block[1], extra_options["block_index"]]]
-        return n, context + gate(context) * ((context @ down.T) @ up.T), value
-
-    return patch
-
-
 def gated_fit(model, clip, prompt_set: tuple[tuple[str, ...], list[str]], whole_prompt: bool, rank: int, steps: int,
               lr: float, seed: int):
-    """The fit as a gated edit of the key input; returns the patched model."""
+    """The fit as a gated edit of the key input (fmn_core/gate.py); returns the patched
+    model and its gate."""
     import contextlib
     import torch
+    import attention_checks as ac
     from fmn_pack.fmn_core import host
+    from fmn_pack.fmn_core.gate import ConceptGate, gated_key_patch, key_input_edits
 
-    gate = ConceptGate(clip, *prompt_set, whole_prompt)
+    templates, others = prompt_set
+    concept_rows = [host.encode_pooled(clip, p)[0][0][ac.concept_columns(clip, CONCEPT, p)]
+                    for p in (t.format(CONCEPT) for t in templates)]
+    gate = ConceptGate.fit(concept_rows, [host.encode_pooled(clip, p)[0][0] for p in others], whole_prompt)
     generator = torch.Generator().manual_seed(seed)
     layers = host.attn2_layers(model)
-    width = layers[0].context_dim
-    factors = {layer.module: (torch.randn(rank, width, generator=generator) * width ** -0.5, torch.zeros(width, rank))
-               for layer in layers}
-    params = [t.requires_grad_(True) for pair in factors.values() for t in pair]
+    edits = key_input_edits(layers, rank, generator)
+    params = [p for edit in edits.values() for p in edit.parameters()]
     clone = model.clone()
-    clone.set_model_attn2_patch(gated_key_edit(layers, factors, gate))
+    clone.set_model_attn2_patch(gated_key_patch(layers, edits, gate))
 
     @contextlib.contextmanager
     def shut():
@@ -199,11 +154,11 @@ def gated_fit(model, clip, prompt_set: tuple[tuple[str, ...], list[str]], whole_
             gate.enabled = True
 
     fit_shares(clone, {}, params, shut, clip, prompt_set, steps, lr, seed, generator)
-    for t in params:
-        t.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(False)
     patched = model.clone()
-    patched.set_model_attn2_patch(gated_key_edit(layers, factors, gate))
-    return patched
+    patched.set_model_attn2_patch(gated_key_patch(layers, edits, gate))
+    return patched, gate
 
 
 def fit_shares(clone, wrappers: dict, params: list, original, clip, prompt_set: tuple[tuple[str, ...], list[str]],
@@ -274,6 +229,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     bootstrap()
     import host_models as hm
+    from fmn_pack.fmn_core import gate
     from fmn_pack.fmn_core.files import atomic_write
 
     model, clip = hm.sd15_model(), hm.sd1_clip()
@@ -289,15 +245,16 @@ def main(argv=None) -> None:
     own = prompt_sets()["own prompts"]
     for gated_name, whole_prompt in GATED.items():
         t0 = time.perf_counter()
-        patched = gated_fit(model, clip, own, whole_prompt, GATED_RANK, args.gated_steps, args.lr, args.seed)
+        patched, concept_gate = gated_fit(model, clip, own, whole_prompt, GATED_RANK, args.gated_steps, args.lr, args.seed)
         name = f"fit on own prompts, {gated_name}, key input rank {GATED_RANK}"
-        rows[name] = {**measured(model, clip, patched, own), "fit_seconds": round(time.perf_counter() - t0, 1)}
+        rows[name] = {**measured(model, clip, patched, own), "fit_seconds": round(time.perf_counter() - t0, 1),
+                      "gate": {"shut": round(concept_gate.shut, 3), "open": round(concept_gate.open, 3)}}
         print(f"{name}: {rows[name]}", flush=True)
     rows.update(pack_rows(hm.sd2_model(), hm.sd2_clip(), runs["SD2"], "SD2 layout, "))
     report = {"target": {"share_after_over_before": "<= 0.2", "largest_other_word_change": "< 0.05"},
               "settings": {"concept": CONCEPT, "steps": args.steps, "lr": args.lr, "seed": args.seed,
                            "tolerance": TOLERANCE, "penalty": PENALTY, "share_floor": SHARE_FLOOR,
-                           "gated_steps": args.gated_steps, "gate_margin": GATE_MARGIN,
+                           "gated_steps": args.gated_steps, "gate_margin": gate.GATE_MARGIN,
                            "pack_runs": runs},
               "rows": rows,
               "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
