@@ -189,12 +189,15 @@ def fit_problems(tensors: dict[str, torch.Tensor], layers: list[host.Attn2Layer]
 def applied(patcher, tensors: dict[str, torch.Tensor], metadata: dict[str, str], strength: float):
     """A clone of `patcher` with the gated edit installed as the host's attn2 patch; it
     stacks with LoRAs and with other gated patches (each attn2 patch sees the key input
-    the ones before it left)."""
+    the ones before it left). Its tensors are made outside inference mode (in which the
+    host runs nodes and loads files): what learns through the patched model (Concept
+    Inversion, Recovery Attack) takes gradients through them."""
     layers = host.attn2_layers(patcher)
-    gate = ConceptGate(tensors[CENTROIDS_KEY].float(), float(metadata[SHUT_FIELD]), float(metadata[OPEN_FIELD]),
-                       metadata.get(WHOLE_PROMPT_FIELD, "true") == "true")
-    edits = {m: KeyInputEdit.of(tensors[m + EDIT_SUFFIXES[0]], tensors[m + EDIT_SUFFIXES[1]], strength)
-             for m in edit_modules(tensors)}
+    with torch.inference_mode(False):
+        gate = ConceptGate(tensors[CENTROIDS_KEY].float().clone(), float(metadata[SHUT_FIELD]),
+                           float(metadata[OPEN_FIELD]), metadata.get(WHOLE_PROMPT_FIELD, "true") == "true")
+        edits = {m: KeyInputEdit.of(tensors[m + EDIT_SUFFIXES[0]], tensors[m + EDIT_SUFFIXES[1]], strength)
+                 for m in edit_modules(tensors)}
     clone = patcher.clone()
     clone.set_model_attn2_patch(gated_key_patch(layers, edits, gate))
     return clone

@@ -134,6 +134,26 @@ def test_a_gated_patch_file_applies_as_trained_and_stacks(sd1, gated_patch, tmp_
                                host.loaded_forward(lora_only)(x, sigma, concept_prompt))
 
 
+def test_what_learns_through_a_gated_model_gets_gradients(sd1, gated_patch):
+    """Concept Inversion and Recovery Attack learn rows through the patched model; the host
+    runs nodes (and so applies patches) in inference mode, whose tensors autograd refuses."""
+    model, clip = sd1
+    with torch.inference_mode():
+        patched = apply_patch(model, load_patch_copy(gated_patch), 1.0)
+    patch = patched.model_options["transformer_options"]["patches"]["attn2_patch"][0]
+    layer = host.attn2_layers(model)[0]
+    rows = context(clip, f"a painting by {CONCEPT}").clone().requires_grad_(True)
+    _, keys, _ = patch(None, rows, rows, {"block": layer.block[:2], "block_index": layer.block[2]})
+    keys.sum().backward()
+    assert rows.grad is not None and bool(torch.isfinite(rows.grad).all())
+
+
+def load_patch_copy(patch: ForgetPatch) -> ForgetPatch:
+    """The patch as Load Forget Patch gives it: its tensors made in inference mode."""
+    with torch.inference_mode():
+        return ForgetPatch({k: v.clone() for k, v in patch.lora.items()}, dict(patch.metadata))
+
+
 def test_gated_patches_are_refused_where_they_cannot_go(sd1, gated_patch, tmp_path):
     model, clip = sd1
     with pytest.raises(ValueError, match="cannot be fused into a LoRA"):
