@@ -43,7 +43,6 @@ class ConceptGate:
     shut: float
     open: float
     whole_prompt: bool = True
-    enabled: bool = True
 
     @classmethod
     def fit(cls, concept_rows: list[torch.Tensor], other_contexts: list[torch.Tensor], whole_prompt: bool = True,
@@ -75,8 +74,6 @@ class ConceptGate:
         return self._similarity(self.centroids, context)
 
     def __call__(self, context: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return torch.zeros((*context.shape[:-1], 1), dtype=context.dtype, device=context.device)
         gate = ((self.similarity(context) - self.shut) / (self.open - self.shut)).clamp(0, 1)
         if self.whole_prompt:
             gate = gate.amax(dim=-1, keepdim=True).expand_as(gate)

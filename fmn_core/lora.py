@@ -91,8 +91,9 @@ def is_text_module(module: str) -> bool:
 
 
 @contextlib.contextmanager
-def disabled(deltas: dict[str, LowRankDelta]) -> Iterator[None]:
-    """Run the original model (the frozen teacher) without a second copy of it."""
+def disabled(deltas: dict[str, torch.nn.Module]) -> Iterator[None]:
+    """Run the original model (the frozen teacher) without a second copy of it: every
+    module here has an `enabled` flag (a LowRankDelta, a gate's KeyInputEdit)."""
     for d in deltas.values():
         d.enabled = False
     try:

@@ -128,10 +128,10 @@ def gated_fit(model, clip, prompt_set: tuple[tuple[str, ...], list[str]], whole_
               lr: float, seed: int):
     """The fit as a gated edit of the key input (fmn_core/gate.py); returns the patched
     model and its gate."""
-    import contextlib
     import torch
     import attention_checks as ac
     from fmn_pack.fmn_core import host
+    from fmn_pack.fmn_core.lora import disabled
     from fmn_pack.fmn_core.gate import ConceptGate, gated_key_patch, key_input_edits
 
     templates, others = prompt_set
@@ -145,15 +145,7 @@ def gated_fit(model, clip, prompt_set: tuple[tuple[str, ...], list[str]], whole_
     clone = model.clone()
     clone.set_model_attn2_patch(gated_key_patch(layers, edits, gate))
 
-    @contextlib.contextmanager
-    def shut():
-        gate.enabled = False
-        try:
-            yield
-        finally:
-            gate.enabled = True
-
-    fit_shares(clone, {}, params, shut, clip, prompt_set, steps, lr, seed, generator)
+    fit_shares(clone, {}, params, lambda: disabled(edits), clip, prompt_set, steps, lr, seed, generator)
     for p in params:
         p.requires_grad_(False)
     patched = model.clone()
