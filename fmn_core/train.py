@@ -24,7 +24,7 @@ import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -202,18 +202,29 @@ def _kept_example(clip, prompt: str) -> Example:
 _PRESERVE_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def preserve_moment(clip) -> aim.SecondMoment:
-    """Second moment of the preserve prompts' contexts, cached per text encoder state.
-
-    It depends only on the encoder's weights, patches and layer choice, so it is computed
-    once per CLIP (a few seconds on a CPU for a full-size encoder) and reused by every run.
-    """
+def _cached(clip, name: str, compute: Callable[[], object]) -> object:
+    """`compute()` once per text encoder state: what is cached depends only on the encoder's
+    weights, patches and layer choice, and the preserve prompts take a few seconds on a CPU
+    for a full-size encoder."""
     module, key = host.text_encoder_state(clip)
     per_encoder = _PRESERVE_CACHE.setdefault(module, {})
-    if key not in per_encoder:
-        contexts = host.encode_many(clip, preserve_prompts())
-        per_encoder[key] = aim.SecondMoment(contexts.shape[-1]).add(contexts.reshape(-1, contexts.shape[-1]))
-    return per_encoder[key]
+    if (key, name) not in per_encoder:
+        per_encoder[key, name] = compute()
+    return per_encoder[key, name]
+
+
+def preserve_contexts(clip) -> torch.Tensor:
+    """The preserve prompts' contexts (N, 77, D), the empty prompt included, encoded once per
+    text encoder state and shared by every run."""
+    return _cached(clip, "contexts", lambda: host.encode_many(clip, preserve_prompts()))
+
+
+def preserve_moment(clip) -> aim.SecondMoment:
+    """Second moment of the preserve prompts' contexts, cached like them."""
+    def moment() -> aim.SecondMoment:
+        contexts = preserve_contexts(clip)
+        return aim.SecondMoment(contexts.shape[-1]).add(contexts.reshape(-1, contexts.shape[-1]))
+    return _cached(clip, "moment", moment)
 
 
 def anchor_moment(examples: list[Example]) -> aim.SecondMoment:
@@ -475,9 +486,10 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
 
 def gate_for(clip, examples: list[Example]) -> gate.ConceptGate:
     """Mode 'gated k': the gate from the concepts' tokens in their training prompts, shut on
-    every token of the preserve prompts and of the kept prompts."""
+    every token of the preserve prompts (the empty one, a sampler's usual negative, among
+    them) and of the kept prompts."""
     rows = [e.context[0][e.mask > 0] for e in examples if e.concept != KEEP]
-    others = [host.encode(clip, p)[0] for p in preserve_prompts() if p] + [e.context[0] for e in examples if e.concept == KEEP]
+    others = list(preserve_contexts(clip)) + [e.context[0] for e in examples if e.concept == KEEP]
     return gate.ConceptGate.fit(rows, others, whole_prompt=True)
 
 
