@@ -54,8 +54,8 @@ LAYER = "transformer_blocks"
 
 @dataclass(frozen=True)
 class HardenConfig:
-    rounds: int = 3
-    steps: int = 300               # in all, split evenly over the rounds
+    rounds: int = 5
+    steps: int = 500               # in all, split evenly over the rounds
     learning_rate: float = 1e-3    # Adam on the LoRA factors
     rank: int = 8
     batch_size: int = 16           # concept samples per step; as many kept-prompt samples beside them

@@ -45,7 +45,8 @@ class HardenForgetPatch:
                 "rounds": ("INT", {"default": DEFAULTS.rounds, "min": 1, "max": 20,
                                    "tooltip": "Attack-then-train rounds: each finds a new way back in and closes it. If Recovery "
                                               "Attack still brings the concept back, raise it with steps (ToyBench: Madame "
-                                              "Plink 0.31-0.44 recovered with 3 rounds, 0.00 with 5 rounds and 500 steps)."}),
+                                              "Plink 0.31-0.44 recovered with 3 rounds and 300 steps, 0.00 with the "
+                                              "defaults)."}),
                 "steps": ("INT", {"default": DEFAULTS.steps, "min": 1, "max": 10000,
                                   "tooltip": "Training steps in all, split evenly over the rounds."}),
                 "learning_rate": ("FLOAT", {"default": DEFAULTS.learning_rate, "min": 1e-6, "max": 0.5, "step": 1e-4,

@@ -313,7 +313,7 @@ def main(argv=None) -> None:
                          "(retrained with the same seed) into the existing --out")
     ap.add_argument("--harden", action="store_true",
                     help="with --only-recovery: harden each single-concept patch (Harden Forget Patch) before the "
-                         "attack; entries '<recipe> + hardened', about 4 min per concept")
+                         "attack; entries '<recipe> + hardened', about 7 min per concept with the attack")
     ap.add_argument("--only-redirect", action="store_true",
                     help="measure only the redirects (REDIRECTS) into the existing --out")
     ap.add_argument("--only-anchor-floor", action="store_true",

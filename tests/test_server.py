@@ -372,7 +372,7 @@ def test_harden_workflow_closes_the_way_back_that_the_forget_patch_leaves(server
     through the forget patch alone, and far less through the hardened model. The hardening
     patch is saved as one (fmn.mode harden)."""
     prompt = ui_to_api(load_workflow("toybench_harden"), object_info)
-    entry = server.run_prompt(prompt, 3 * PROMPT_TIMEOUT_S)  # hardening: ~3 min on 2 CPU cores
+    entry = server.run_prompt(prompt, 3 * PROMPT_TIMEOUT_S)  # hardening: ~5 min on 2 CPU cores
     rates = {title: r["moon"] for title, r in oracle_rates(saved_images(server, entry, prompt), ("moon",)).items()}
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "toybench_harden_rates.json").write_text(json.dumps(rates, indent=2) + "\n")  # for the README
