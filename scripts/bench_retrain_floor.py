@@ -18,7 +18,7 @@ imitates, on the same base.
     .venv/bin/python scripts/bench_retrain_floor.py --steps 3 --exclude star --kept /tmp/k --out /tmp/f.json  # smoke
     .venv/bin/python scripts/bench_retrain_floor.py --merge --recipes --recipe 'NAME={"mode": "k/v"}'
         # one more recipe on the kept control, added to the existing report
-    .venv/bin/python scripts/bench_retrain_floor.py --merge --recipes "pack defaults" --harden  # ~15 min
+    .venv/bin/python scripts/bench_retrain_floor.py --merge --recipes "pack defaults" --harden  # ~25 min
         # the defaults' patches hardened (Harden Forget Patch), added as 'pack defaults + hardened'
 
 Writes bench/retrain_floor.json; the trained UNets are kept under out/retrain_floor/
