@@ -152,9 +152,10 @@ def file_problems(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
         problems.append(f"unexpected keys {unknown[:3]} in a gated patch")
     if centroids.ndim != 2 or not len(centroids):
         problems.append(f"{CENTROIDS_KEY} is {tuple(centroids.shape)}, not (tokens, width)")
-    if not edit_modules(tensors):
+    modules = edit_modules(tensors)
+    if not modules:
         problems.append("it holds no key-input edits")
-    for module in edit_modules(tensors):
+    for module in modules:
         down, up = (tensors.get(module + s) for s in EDIT_SUFFIXES)
         if down is None or up is None:
             problems.append(f"{module} lacks its key-input down or up factor")
@@ -174,11 +175,12 @@ def file_problems(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
 def fit_problems(tensors: dict[str, torch.Tensor], layers: list[host.Attn2Layer]) -> list[str]:
     """What does not match between a gated patch and the model's cross-attention layers."""
     widths = {layer.module: layer.context_dim for layer in layers}
-    problems = [f"the model has no cross-attention layer {m}" for m in edit_modules(tensors) if m not in widths]
+    modules = edit_modules(tensors)
+    problems = [f"the model has no cross-attention layer {m}" for m in modules if m not in widths]
     width = tensors[CENTROIDS_KEY].shape[-1]
     problems += [f"{m}: the gate is for a text context {width} wide, the model's is {widths[m]}"
-                 for m in edit_modules(tensors) if m in widths and widths[m] != width]
-    missing = [m for m in widths if m not in edit_modules(tensors)]
+                 for m in modules if m in widths and widths[m] != width]
+    missing = [m for m in widths if m not in modules]
     return problems + ([f"it has no edit for {len(missing)} of the model's cross-attention layers (e.g. {missing[0]})"]
                        if missing else [])
 

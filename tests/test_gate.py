@@ -12,12 +12,12 @@ from attention_checks import (HELD_OUT_TEMPLATES, PAPER_BUDGET, PROMPTS_WITHOUT_
                               concept_share_ratio, worst_word_change)
 from fmn_pack.fmn_core import host
 from fmn_pack.fmn_core.checkpoint import Checkpoints
-from fmn_pack.fmn_core.concepts import TEMPLATES, parse_concepts, preserve_prompts
+from fmn_pack.fmn_core.concepts import TEMPLATES, parse_concepts
 from fmn_pack.fmn_core.gate import ConceptGate, gated_key_patch, key_input_edits
 from fmn_pack.fmn_core.harden import check_hardenable
 from fmn_pack.fmn_core.merge import merge_patches
 from fmn_pack.fmn_core.patch import ForgetPatch, apply_patch, load_patch, save_patch
-from fmn_pack.fmn_core.train import ForgetConfig, forget
+from fmn_pack.fmn_core.train import ForgetConfig, forget, preserve_contexts
 
 CONCEPT = "van gogh"
 
@@ -39,9 +39,9 @@ def concept_rows(clip, templates) -> list[torch.Tensor]:
 @pytest.fixture(scope="module")
 def gates(sd1) -> dict[bool, ConceptGate]:
     """whole_prompt -> the gate fitted on what a method knows: the concept's own templates
-    and the preserve prompts."""
+    and the preserve prompts (their contexts as Forget Train's mode 'gated k' reads them)."""
     _, clip = sd1
-    rows, others = concept_rows(clip, TEMPLATES["style"]), [context(clip, p)[0] for p in preserve_prompts() if p]
+    rows, others = concept_rows(clip, TEMPLATES["style"]), list(preserve_contexts(clip))
     return {whole: ConceptGate.fit(rows, others, whole) for whole in (False, True)}
 
 
