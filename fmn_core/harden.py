@@ -37,7 +37,7 @@ from .inversion import InversionConfig, Prompts, invert
 from .latents import noisy
 from .lora import LowRankDelta, disabled, export_kohya
 from .merge import concepts_of
-from .patch import HARDEN_MODE, ForgetPatch, apply_patch, model_card
+from .patch import HARDEN_MODE, ForgetPatch, apply_patch, kohya_named, model_card
 from .text_encoder import TextEncoders
 from .train import check_finite_tensors
 
@@ -128,11 +128,13 @@ def check_hardenable(patch: ForgetPatch) -> None:
 
 
 def patch_digest(patch: ForgetPatch) -> str:
-    """A short digest of a patch's weights: a hardening patch names the patch it hardens."""
+    """A short digest of a patch's weights: a hardening patch names the patch it hardens.
+    Taken in kohya's naming, so a patch has one digest in memory and in its file."""
+    lora = kohya_named(patch).lora
     digest = hashlib.sha256()
-    for key in sorted(patch.lora):
+    for key in sorted(lora):
         digest.update(key.encode())
-        digest.update(patch.lora[key].float().cpu().numpy().tobytes())
+        digest.update(lora[key].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -162,7 +164,8 @@ def harden(patcher, clip, patch: ForgetPatch, latents: torch.Tensor | None, conf
             losses += _train(patched, deltas, data, kept, steps, config, generator, progress)
     lora = export_kohya(deltas)
     check_finite_tensors(lora, "Harden Forget Patch")
-    return HardenResult(ForgetPatch(lora, _metadata(patcher, patch, concepts, config, losses)), losses, attack_losses)
+    hardening = kohya_named(ForgetPatch(lora, _metadata(patcher, patch, concepts, config, losses)))
+    return HardenResult(hardening, losses, attack_losses)
 
 
 def progress_total(config: HardenConfig, n_concepts: int, images_given: bool) -> int:

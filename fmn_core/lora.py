@@ -69,7 +69,9 @@ class LowRankDelta(torch.nn.Module):
 
 
 def kohya_name(weight_key: str) -> str:
-    """`diffusion_model.a.b.weight` -> `lora_unet_a_b`, the name the stock loader maps back."""
+    """`diffusion_model.a.b.weight` -> `lora_unet_a_b`: the host's (SGM) name, which its
+    loader maps back. Files are written in kohya's naming for their architecture, the
+    same for SDXL and diffusers block names for SD1.x/2.x (`kohya.py`, `patch.save_patch`)."""
     module = weight_key[len("diffusion_model."):-len(".weight")]
     return "lora_unet_" + module.replace(".", "_")
 

@@ -28,7 +28,7 @@ import torch
 
 from . import aim, host
 from .concepts import ANCHORS, TEMPLATES, Concept, keep_prompts
-from .patch import HARDEN_MODE, ForgetPatch, model_card, structure_problems
+from .patch import HARDEN_MODE, ForgetPatch, kohya_named, model_card, structure_problems
 from .train import anchor_moment, build_examples, preserve_moment
 
 TEXT_PROJECTIONS = ("attn2_to_k", "attn2_to_v")
@@ -112,8 +112,10 @@ PRESERVE_WEIGHT = 16.0
 
 def merge_patches(clip, patches: list[ForgetPatch], preserve_weight: float = PRESERVE_WEIGHT, tolerance: float = 1e-3,
                   ridge: float = 1e-3) -> ForgetPatch:
-    """One patch that acts on each input patch's concepts as that patch does (see module)."""
+    """One patch that acts on each input patch's concepts as that patch does (see module).
+    Its modules are named as kohya's sd-scripts names them, whichever naming the inputs use."""
     check_mergeable(patches)
+    patches = [kohya_named(p) for p in patches]
     if preserve_weight < 0 or not 0 <= tolerance < 1:
         raise ValueError(f"preserve_weight must be 0 or more and tolerance in [0, 1), got {preserve_weight}, {tolerance}")
     moments = [_moments(clip, p) for p in patches]

@@ -1,9 +1,11 @@
 """Forget patches: a kohya-format LoRA safetensors file plus Forget-Me-Not metadata.
 
 The file loads unchanged through the host's stock `LoraLoaderModelOnly`; applying it
-here goes through the same host function, so both yield the same weights. Loading never
-unpickles: the header is checked by hand before safetensors reads tensors
-(`safetensors_check.py`).
+here goes through the same host function, so both yield the same weights. Files name their
+modules as kohya's sd-scripts does for their architecture, with its header fields beside
+the pack's (`kohya.py`), so diffusers' and A1111's loaders read them too; the pack reads
+both that naming and the host's, which earlier versions wrote. Loading never unpickles: the
+header is checked by hand before safetensors reads tensors (`safetensors_check.py`).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import gate, host
+from . import gate, host, kohya
 from .files import atomic_write
 from .lora import FULL_RANK, is_text_module
 from .safetensors_check import load_checked
@@ -102,7 +104,41 @@ def with_cover(patch: ForgetPatch, image: torch.Tensor) -> ForgetPatch:
 
 
 def save_patch(patch: ForgetPatch, path: Path, overwrite: bool = False) -> Path:
-    return atomic_write(Path(path), lambda tmp: save_file(patch.lora, tmp, metadata=patch.metadata), overwrite)
+    """Write the patch as `file_form` gives it."""
+    written = file_form(patch)
+    return atomic_write(Path(path), lambda tmp: save_file(written.lora, tmp, metadata=written.metadata), overwrite)
+
+
+def kohya_named(patch: ForgetPatch) -> ForgetPatch:
+    """The patch with its modules named as kohya's sd-scripts names them for the patch's
+    architecture (`kohya.py`): the naming files are written in, and the one merge and
+    harden work in, so patches of either naming meet there. Same tensors."""
+    return replace(patch, lora=kohya.renamed(patch.lora, patch.base_arch))
+
+
+def file_form(patch: ForgetPatch) -> ForgetPatch:
+    """The patch as its file holds it: in kohya's naming, and with the kohya `ss_*` and
+    `modelspec.implementation` fields that LoRA tools show beside the pack's header."""
+    named = kohya_named(patch)
+    return replace(named, metadata={**patch.metadata, **_tool_fields(named)})
+
+
+def _tool_fields(patch: ForgetPatch) -> dict[str, str]:
+    host_names = patch.gated or bool(patch.text_modules())
+    implementation = kohya.implementation(patch.base_arch, host_names)
+    ranks = [(patch.lora[f"{m}.lora_down.weight"].shape[0], _alpha(patch, m)) for m in patch.modules()]
+    if patch.gated or not ranks:  # not a LoRA: only the pack applies it
+        return {"modelspec.implementation": implementation}
+    description = (patch.metadata.get("modelspec.description")
+                   or f"Forget-Me-Not patch: the model forgets {', '.join(patch.concepts)}.")
+    comment = f"{description} Made by Forget-Me-Not for ComfyUI, not by kohya's sd-scripts: its fmn.* fields say how."
+    return kohya.header(ranks, patch.base_arch, comment, implementation)
+
+
+def _alpha(patch: ForgetPatch, module: str) -> float:
+    """A module's alpha; the host's loader takes a missing one as the rank (scale 1)."""
+    alpha = patch.lora.get(f"{module}.alpha")
+    return patch.lora[f"{module}.lora_down.weight"].shape[0] if alpha is None else float(alpha)
 
 
 def load_patch(path: str | os.PathLike) -> ForgetPatch:
@@ -133,7 +169,17 @@ def structure_problems(patch: ForgetPatch) -> list[str]:
         alpha = patch.lora.get(f"{module}.alpha")
         if alpha is not None and alpha.numel() != 1:
             problems.append(f"{module}.alpha holds {alpha.numel()} values, not one")
-    return problems + _finite_problems(patch) + metadata_problems(patch.metadata)
+    return problems + _naming_problems(patch) + _finite_problems(patch) + metadata_problems(patch.metadata)
+
+
+def _naming_problems(patch: ForgetPatch) -> list[str]:
+    """One layer under both namings would be applied twice by a LoRA loader but fused into
+    one by merge and save."""
+    layers: dict[str, list[str]] = {}
+    for module in patch.modules():
+        layers.setdefault(kohya.module_name(module, patch.base_arch), []).append(module)
+    return [f"{names[0]} and {names[1]} name the same layer: keep one of them"
+            for names in layers.values() if len(names) > 1]
 
 
 def _finite_problems(patch: ForgetPatch) -> list[str]:

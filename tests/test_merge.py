@@ -10,7 +10,7 @@ from attention_checks import RESOLUTION, concept_share_ratio
 from fmn_pack.fmn_core import host
 from fmn_pack.fmn_core.concepts import parse_concepts
 from fmn_pack.fmn_core.merge import _delta, concepts_of, merge_patches
-from fmn_pack.fmn_core.patch import ForgetPatch, apply_patch, load_patch, save_patch
+from fmn_pack.fmn_core.patch import ForgetPatch, apply_patch, kohya_named, load_patch, save_patch
 from fmn_pack.fmn_core.train import ForgetConfig, build_examples, forget
 
 BUDGET = {"steps": 35, "learning_rate": 1e-2, "rank": 2, "output_weight": 0.0, "resolution": RESOLUTION}
@@ -40,7 +40,9 @@ def concept_rows(clip, patch: ForgetPatch) -> torch.Tensor:
 
 def own_effect_error(fused: ForgetPatch, patches: list[ForgetPatch], clip, sum_instead: bool = False) -> float:
     """Relative error, over every to_k/to_v layer and patch, of the fused update on each
-    patch's own concept rows against that patch alone: |(dW - dW_i) C_i^T| / |dW_i C_i^T|."""
+    patch's own concept rows against that patch alone: |(dW - dW_i) C_i^T| / |dW_i C_i^T|.
+    Layers are matched in the fused patch's naming (kohya's)."""
+    patches = [kohya_named(p) for p in patches]
     errors = []
     rows = [concept_rows(clip, p) for p in patches]
     for module in patches[0].modules():
@@ -82,7 +84,7 @@ def test_the_merge_node_output_saves_loads_and_applies(sd1, singles, tmp_path):
         loaded = load_patch(save_patch(fused, tmp_path / "fused.safetensors"))
         patched = apply_patch(model, loaded, 1.0)
     assert loaded.concepts == ["van gogh", "claude monet"] and patched is not model
-    assert sorted(loaded.modules()) == sorted(singles[0].modules())
+    assert sorted(loaded.modules()) == sorted(kohya_named(singles[0]).modules())
 
 
 def test_patches_for_different_models_or_too_few_are_refused_before_any_work(sd1, singles):

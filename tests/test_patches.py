@@ -14,7 +14,7 @@ from hostile_files import trap_pickle
 import nodes as host_nodes
 from fmn_pack.fmn_core import host
 from fmn_pack.fmn_core.concepts import parse_concepts
-from fmn_pack.fmn_core.patch import COVER_SIZE, ForgetPatch, apply_patch, load_patch, save_patch, with_cover
+from fmn_pack.fmn_core.patch import COVER_SIZE, ForgetPatch, apply_patch, kohya_named, load_patch, save_patch, with_cover
 from fmn_pack.fmn_core.train import ForgetConfig, forget
 
 
@@ -48,7 +48,8 @@ def test_file_is_kohya_lora_with_metadata_and_no_embeddings(sd1, patch, tmp_path
     assert meta["fmn.base_arch"] == "SD15" and len(meta["fmn.base_fingerprint"]) == 16
     assert meta["fmn.rank"] == "6" and meta["fmn.steps"] == "4" and meta["fmn.learning_rate"] and meta["fmn.pack_version"]
     assert all(t.ndim == 2 or t.numel() == 1 for t in loaded.lora.values())
-    assert all(torch.equal(loaded.lora[k], patch.lora[k]) for k in patch.lora)
+    named = kohya_named(patch).lora  # the file names modules as kohya does (test_lora_interop.py)
+    assert sorted(loaded.lora) == sorted(named) and all(torch.equal(loaded.lora[k], named[k]) for k in named)
 
 
 def test_header_carries_a_model_card_and_an_optional_cover(patch, tmp_path):
