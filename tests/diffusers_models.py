@@ -15,9 +15,10 @@ from typing import Iterator
 
 import torch
 
+import comfy.sd1_clip
 import host_models as hm
 
-TOKENIZER = Path(__file__).resolve().parents[1] / ".host" / "ComfyUI" / "comfy" / "sd1_tokenizer"
+TOKENIZER = Path(comfy.sd1_clip.__file__).resolve().parent / "sd1_tokenizer"  # where the host's SD1 tokenizer reads it
 TEXT_WIDTH = 32  # the stand-in text encoders' width: only the UNet's cross-attention width matters here
 
 
