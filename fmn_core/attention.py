@@ -139,3 +139,22 @@ class TokenShare:
         if self.total is None:
             raise RuntimeError("no cross-attention was captured: was the model run with the hooks registered?")
         return self.total / self.layers
+
+
+class Routed:
+    """A sink that hands each capture to the sink currently routed to: one registration of
+    the hooks serves the training loss and, in between, the run's checks (`checks.py`)."""
+
+    def __init__(self, sink: AttentionSink) -> None:
+        self.sink = sink
+
+    def __call__(self, layer: str, probs: torch.Tensor, extra_options: dict) -> None:
+        self.sink(layer, probs, extra_options)
+
+    @contextlib.contextmanager
+    def to(self, sink: AttentionSink) -> Iterator[None]:
+        saved, self.sink = self.sink, sink
+        try:
+            yield
+        finally:
+            self.sink = saved

@@ -445,7 +445,11 @@ def process_latent_out(patcher, latent: torch.Tensor) -> torch.Tensor:
 
 
 def vae_encode(vae, images: torch.Tensor) -> torch.Tensor:
-    return vae.encode(images[:, :, :, :3])
+    """Latents of `images`, as constants. Outside the host's inference mode (a script or
+    library caller) the VAE's forward would otherwise hand training a graph that every step
+    backs through again ("Trying to backward through the graph a second time")."""
+    with torch.no_grad():
+        return vae.encode(images[:, :, :, :3])
 
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:

@@ -75,15 +75,17 @@ USAGE_CLIP = ("Apply to the CLIP (Apply Forget Patch with its clip input, or Lor
 
 
 def model_card(arch: str, concepts: list[str], categories: list[str], steps: int, mode: str,
-               edits_text: bool = False, gated: bool = False) -> dict[str, str]:
+               edits_text: bool = False, gated: bool = False, measured: str = "") -> dict[str, str]:
     """The `modelspec.*` header fields that ComfyUI's Model Library (and other LoRA tools)
-    show for a file, so a patch says what it does without being opened."""
+    show for a file, so a patch says what it does without being opened; `measured`, the
+    run's own verdict on itself (checks.verdict), ends the description."""
     named = ", ".join(f"{c} ({k})" for c, k in zip(concepts, categories))
     return {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{MODELSPEC_ARCH.get(arch, arch)}/{'forget-me-not-gated' if gated else 'lora'}",
         "modelspec.title": "Forget " + ", ".join(concepts),
-        "modelspec.description": f"Forget-Me-Not patch: the model forgets {named}. Trained {steps} steps, mode {mode}.",
+        "modelspec.description": f"Forget-Me-Not patch: the model forgets {named}. Trained {steps} steps, mode {mode}."
+                                 + (f" Measured on its own model: {measured}." if measured else ""),
         "modelspec.usage_hint": USAGE_CLIP if edits_text else USAGE_GATED if gated else USAGE_MODEL,
         "modelspec.tags": ", ".join(["forget-me-not", "concept erasure", *concepts]),
     }

@@ -27,11 +27,15 @@ learned embedding (the recovery attack) still reach it.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 
-from . import host
-from .attention import ColumnEnergy, make_attn2_replace
+import contextlib
+import time
+
+from . import checks, host
+from .attention import ColumnEnergy, Routed, make_attn2_replace
 from .concepts import Concept
 from .inversion import Prompts, initial_rows, word_rows
 from .latents import noisy
@@ -151,6 +155,7 @@ def forget_token_rows(patcher, clip, concepts: list[Concept], config: ForgetConf
     source = LatentSource({k: v.float() for k, v in (latents or {}).items()}, (channels, size, size))
     sampling = host.model_sampling(patcher)
     layers = host.attn2_layers(patcher)
+    stuff = checks.material(clip, concepts, config.keep, sampling, (channels, size, size), latents)
     losses: list[float] = []
     with torch.inference_mode(False):
         encoder = TextEncoders(host.text_encoder_specs(clip))
@@ -165,11 +170,16 @@ def forget_token_rows(patcher, clip, concepts: list[Concept], config: ForgetConf
                     edit.start_from(ids, initial_rows(word_rows(encoder, clip, concept.anchor), len(ids)))
         optimizer = torch.optim.AdamW([edit.change], lr=config.learning_rate, weight_decay=config.weight_decay)
         sink = ColumnEnergy()
+        route = Routed(sink)
         clone = patcher.clone()
-        host.register_attn2(clone, layers, lambda layer, previous: make_attn2_replace(layer.module, sink, previous))
+        host.register_attn2(clone, layers, lambda layer, previous: make_attn2_replace(layer.module, route, previous))
         precision = Precision(config.precision, device)
         blocks = host.unet_blocks(clone) if config.gradient_checkpointing else []
         with host.trainable_unet(clone, {}) as unet, checkpointed(blocks, sink.recomputing):
+            checker = checks.SelfCheck(stuff, unet, contextlib.nullcontext, route, config.target, config.steps,
+                                       config.check_every, _held_out_contexts(clip, concepts, per_concept, edit, encoder),
+                                       checks.ordinary_prompts(config.keep, concepts, clip))
+            started, done = time.perf_counter(), 0
             for step in range(config.steps):
                 batch = []
                 for b in range(config.batch_size):
@@ -186,10 +196,28 @@ def forget_token_rows(patcher, clip, concepts: list[Concept], config: ForgetConf
                 losses.append(float(loss.detach()))
                 if progress is not None:
                     progress.step()
+                done = step + 1
+                if checker.due(done) and checker.check(done):
+                    break
+            report = checker.finish(done, time.perf_counter() - started)
         lora = edit.export(encoder)
     check_finite_tensors(lora)
-    log.info("Forget-Me-Not (token rows): %d steps, loss %.4f -> %.4f", config.steps, losses[0], losses[-1])
-    return ForgetResult(lora, describe(patcher, layers, concepts, config, len(edit.ids), losses), losses)
+    log.info("Forget-Me-Not (token rows): %d of %d steps, loss %.4f -> %.4f; %s", report.steps, config.steps,
+             losses[0], losses[-1], checks.verdict(report))
+    metadata = describe(patcher, layers, concepts, replace(config, steps=report.steps), len(edit.ids), losses, report)
+    return ForgetResult(lora, metadata, losses, report)
+
+
+def _held_out_contexts(clip, concepts: list[Concept], per_concept: list[list[int]], edit: RowEdit,
+                       encoder: TextEncoders) -> checks.PatchedContext:
+    """The checks' held-out concept prompts as the edited encoder reads them: the
+    concept's rows, edited, in each check template's gap."""
+    held = [Prompts(clip, checks.held_out(c).templates) for c in concepts]
+
+    def context(concept: int, prompt: int, edited: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with torch.no_grad():
+            return held[concept].encode(encoder, edit.rows(per_concept[concept], edited), [prompt])
+    return context
 
 
 def _sample(prompts: ConceptPrompts, concept: int, edit: RowEdit, encoder: TextEncoders, source: LatentSource,

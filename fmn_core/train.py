@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -28,8 +29,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from . import aim, gate, host
-from .attention import ColumnEnergy, make_attn2_replace
+from . import aim, checks, gate, host
+from .attention import ColumnEnergy, Routed, make_attn2_replace
 from .checkpoint import Checkpoints, TrainingState, capture, resumed, save_state, settings_of, starting_state, state_path
 from .concepts import Concept, keep_prompts, preserve_prompts, with_kept
 from .latents import input_latents, noisy
@@ -78,6 +79,12 @@ MODES: dict[str, TrainMode] = {
 WARM_START_MAX_CONCEPTS = 3
 
 
+# The in-run erasure (checks.py) at which a run stops, read off ToyBench (bench/quality.json,
+# 'self_check'): see the README's "Stopping on a target".
+DEFAULT_TARGET = 0.0
+MAX_TARGET = 1.5
+
+
 @dataclass
 class ForgetConfig:
     steps: int = 150               # the paper uses 35; ToyBench: 150 erases more than 100 (bench/quality.json)
@@ -96,6 +103,8 @@ class ForgetConfig:
     gradient_checkpointing: bool = False  # recompute UNet blocks in backward (memory.py)
     keep: tuple[str, ...] = ()     # concepts to keep (the preservation term); see `build_examples`
     warm_start: bool = True        # start from a closed-form K/V edit (`warm_start`); see `warm_starts`
+    target: float = DEFAULT_TARGET  # stop once every concept's in-run erasure reaches it (checks.py); 0 = run all steps
+    check_every: int = checks.DEFAULT_CHECK_EVERY  # steps between in-run checks
 
     def warm_starts(self, n_concepts: int) -> bool:
         """Whether this run starts from the closed-form edit (see WARM_START_MAX_CONCEPTS)."""
@@ -119,6 +128,11 @@ class ForgetConfig:
             raise ValueError(f"negative_guidance must be 0 or more, got {self.negative_guidance}")
         if self.resolution < 8 or self.resolution % 8:
             raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+        if not 0 <= self.target <= MAX_TARGET:
+            raise ValueError(f"target must be between 0 (run every step) and {MAX_TARGET:g}, got {self.target}: it is "
+                             "the in-run erasure at which training stops (1 = the anchor's prediction)")
+        if self.check_every < 1:
+            raise ValueError(f"check_every must be at least 1, got {self.check_every}")
         check_precision(self.precision)
 
 
@@ -146,6 +160,7 @@ class ForgetResult:
     lora: dict[str, torch.Tensor]
     metadata: dict[str, str]
     losses: list[float] = field(default_factory=list)
+    report: checks.CheckReport | None = None
 
 
 KEEP = -1  # Example.concept of a kept concept's prompt
@@ -438,6 +453,7 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
     size = config.resolution // 8
     source = LatentSource({k: v.float() for k, v in (latents or {}).items()}, (channels, size, size))
     sampling = host.model_sampling(patcher)
+    stuff = checks.material(clip, concepts, config.keep, sampling, (channels, size, size), latents)
 
     with torch.inference_mode(False):
         deltas = gate.key_input_edits(layers, rank, generator) if mode.gated else build_deltas(
@@ -447,16 +463,20 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
             d.to(device)
         optimizer = make_optimizer(params, config, owners)
         sink = ColumnEnergy()
+        route = Routed(sink)
         clone = patcher.clone()
         if concept_gate is not None:
             clone.set_model_attn2_patch(gate.gated_key_patch(layers, deltas, concept_gate))
-        host.register_attn2(clone, layers, lambda layer, previous: make_attn2_replace(layer.module, sink, previous))
+        host.register_attn2(clone, layers, lambda layer, previous: make_attn2_replace(layer.module, route, previous))
         precision = Precision(config.precision, device)
         blocks = host.unet_blocks(clone) if config.gradient_checkpointing else []
         start, losses = resumed(state, params, optimizer, generator, progress)
         with host.trainable_unet(clone, {} if mode.gated else deltas) as unet, checkpointed(blocks, sink.recomputing):
             if config.warm_starts(len(concepts)) and state is None:
                 warm_start(clone, deltas, examples, preserve)
+            checker = checks.SelfCheck(stuff, unet, lambda: disabled(deltas), route, config.target, config.steps,
+                                       config.check_every, ordinary_names=checks.ordinary_prompts(config.keep, concepts, clip))
+            started, done = time.perf_counter(), start
             for step in range(start, config.steps):
                 batch = [_draw(examples, source, sampling, generator, step * config.batch_size + b) for b in range(config.batch_size)]
                 with precision.autocast():
@@ -474,14 +494,20 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
                                       capture(step + 1, params, optimizer, generator, losses))
                 if progress is not None:
                     progress.step()
+                done = step + 1
+                if checker.due(done) and checker.check(done):
+                    break
+            report = checker.finish(done, time.perf_counter() - started)
         for p in params:
             p.requires_grad_(False)
 
     lora, gate_fields = gate.to_file(deltas, concept_gate) if mode.gated else (export_kohya(deltas), {})
     check_finite_tensors(lora)
-    metadata = {**describe(patcher, layers, concepts, config, rank, losses), **gate_fields}
-    log.info("Forget-Me-Not: %d steps, loss %.4f -> %.4f", config.steps, losses[0], losses[-1])
-    return ForgetResult(lora, metadata, losses)
+    metadata = {**describe(patcher, layers, concepts, replace(config, steps=report.steps), rank, losses, report),
+                **gate_fields}
+    log.info("Forget-Me-Not: %d of %d steps, loss %.4f -> %.4f; %s", report.steps, config.steps, losses[0], losses[-1],
+             checks.verdict(report))
+    return ForgetResult(lora, metadata, losses, report)
 
 
 def gate_for(clip, examples: list[Example]) -> gate.ConceptGate:
@@ -616,13 +642,18 @@ def check_finite_tensors(lora: dict[str, torch.Tensor], producer: str = "Forget 
                            "no patch was produced; lower learning_rate")
 
 
-def describe(patcher, layers, concepts: list[Concept], config: ForgetConfig, rank: int, losses: list[float]) -> dict[str, str]:
-    """Patch header metadata (safetensors metadata values are strings)."""
+def describe(patcher, layers, concepts: list[Concept], config: ForgetConfig, rank: int, losses: list[float],
+             report: checks.CheckReport | None = None) -> dict[str, str]:
+    """Patch header metadata (safetensors metadata values are strings); with the run's
+    check report, its figures (`fmn.self_check`) and verdict on the model card."""
     from . import __version__
 
     card = model_card(host.model_arch(patcher), [c.text for c in concepts], [c.category for c in concepts],
-                      config.steps, config.mode, MODES[config.mode].token_rows, MODES[config.mode].gated)
+                      config.steps, config.mode, MODES[config.mode].token_rows, MODES[config.mode].gated,
+                      checks.verdict(report) if report is not None else "")
+    measured = {checks.REPORT_KEY: report.to_json(), "fmn.target": repr(config.target)} if report is not None else {}
     return {
+        **measured,
         **card,
         "fmn.format": "forget-me-not/1",
         "fmn.pack_version": __version__,

@@ -1,16 +1,20 @@
 """FMN_ForgetTrain: attention re-steering from a list of concepts to a patched MODEL."""
 from __future__ import annotations
 
-from ..fmn_core import host
+import logging
+
+from ..fmn_core import checks, host
 from ..fmn_core.concepts import parse_concepts, parse_keep
 from ..fmn_core.loss_plot import loss_plot
+from ..fmn_core.report_plot import report_image
 from ..fmn_core.patch import ForgetPatch, apply_patch_with_clip
 from ..fmn_core.token_rows import OUTPUT_SCALE
-from ..fmn_core.train import MODES, ForgetConfig, forget, latents_for_concepts
+from ..fmn_core.train import MAX_TARGET, MODES, ForgetConfig, forget, latents_for_concepts
 from .memory_inputs import memory_inputs
 from .checkpoint_inputs import NO_RESUME, checkpoints, resume_input, resume_path, save_every_input
 from .patches import FOLDER
 
+log = logging.getLogger(__name__)
 DEFAULTS = ForgetConfig()
 CONCEPTS_TOOLTIP = (
     "One concept per line. Optional fields after '|': a category (object, style, identity) or a "
@@ -35,6 +39,10 @@ NEGATIVE_GUIDANCE_TOOLTIP = ("How far the output term's target lies beyond the a
                              "negative guidance): the anchor's prediction minus this times (the concept's prediction minus "
                              "the anchor's). 0 = the anchor's prediction itself. It also erases where a noisy image already "
                              "shows the concept; needs output_weight above 0.")
+TARGET_TOOLTIP = ("Stop once the run's own check says every concept is erased this far: its held-out prompts' "
+                  "prediction has moved this share of the way from the original's to the anchor prompt's (1 = all the "
+                  "way; negative guidance aims past it). Checked every "
+                  f"{DEFAULTS.check_every} steps, so steps is a budget. 0 = always run every step (still measured).")
 MODE_TOOLTIP = "Which weights train. " + "; ".join(f"'{name}': {mode.description}" for name, mode in MODES.items()) + "."
 
 
@@ -44,13 +52,16 @@ class ForgetTrain:
                    "receive (Forget-Me-Not attention re-steering) and by making their prompts denoise like the "
                    "same prompts with an anchor ('a person', 'an object', or nothing) in their place. Outputs the "
                    "patched model and a small patch that can be saved, shared and stacked like a LoRA.")
-    RETURN_TYPES = ("MODEL", "FORGET_PATCH", "IMAGE", "CLIP")
-    RETURN_NAMES = ("model", "patch", "loss_plot", "clip")
+    RETURN_TYPES = ("MODEL", "FORGET_PATCH", "IMAGE", "CLIP", "IMAGE", "STRING")
+    RETURN_NAMES = ("model", "patch", "loss_plot", "clip", "report", "report_text")
     OUTPUT_TOOLTIPS = ("The input model with the forget patch applied (the input itself is unchanged).",
                        "The forget patch: connect it to Save Forget Patch or Apply Forget Patch.",
                        "The training loss per step and its smoothed trend: connect a Preview Image to see the run converge.",
                        "The CLIP with the patch's text-encoder side applied (mode 'token rows'; the input CLIP itself "
-                       "in the other modes): encode prompts with it.")
+                       "in the other modes): encode prompts with it.",
+                       "The run's own measurement as a picture: each concept's erasure at every check, the target, and "
+                       "the final table (erasure per noise level, what else moved, attention). Connect a Preview Image.",
+                       "The same report as text, for a Show Text node or a file.")
     FUNCTION = "train"
 
     @classmethod
@@ -93,6 +104,8 @@ class ForgetTrain:
                 "warm_start": ("BOOLEAN", {"default": DEFAULTS.warm_start, "tooltip": WARM_START_TOOLTIP}),
                 "negative_guidance": ("FLOAT", {"default": DEFAULTS.negative_guidance, "min": 0.0, "max": 10.0, "step": 0.1,
                                                 "tooltip": NEGATIVE_GUIDANCE_TOOLTIP}),
+                "target": ("FLOAT", {"default": DEFAULTS.target, "min": 0.0, "max": MAX_TARGET, "step": 0.05,
+                                     "tooltip": TARGET_TOOLTIP}),
             },
         }
 
@@ -110,16 +123,21 @@ class ForgetTrain:
               resolution=DEFAULTS.resolution, output_weight=DEFAULTS.output_weight, keep="",
               save_every=0, checkpoint_name="forget_checkpoint", resume_from=NO_RESUME,
               precision=DEFAULTS.precision, gradient_checkpointing=DEFAULTS.gradient_checkpointing,
-              warm_start=DEFAULTS.warm_start, negative_guidance=DEFAULTS.negative_guidance):
+              warm_start=DEFAULTS.warm_start, negative_guidance=DEFAULTS.negative_guidance, target=DEFAULTS.target):
         parsed = parse_concepts(concepts)
         config = ForgetConfig(steps=steps, learning_rate=learning_rate, rank=rank, seed=seed, mode=mode,
                               batch_size=batch_size, include_end_token=include_end_token, resolution=resolution,
                               output_weight=output_weight, negative_guidance=negative_guidance,
                               keep=parse_keep(keep, parsed), precision=precision,
-                              gradient_checkpointing=gradient_checkpointing, warm_start=warm_start)
+                              gradient_checkpointing=gradient_checkpointing, warm_start=warm_start, target=target)
         latents = latents_for_concepts(model, parsed, images=images, vae=vae, latent=latent)
         result = forget(model, clip, parsed, config, latents, progress=host.Progress(steps),
                         checkpoints=checkpoints(FOLDER, save_every, checkpoint_name), resume=resume_path(FOLDER, resume_from))
         patch = ForgetPatch(result.lora, result.metadata)
         patched_model, patched_clip = apply_patch_with_clip(model, clip, patch, 1.0)
-        return (patched_model, patch, loss_plot(result.losses, "Forget Train"), patched_clip)
+        report = result.report
+        for warning in checks.warnings(report):
+            log.warning("Forget Train: %s", warning)
+        ui = {"fmn_report": [{"verdict": checks.verdict(report), "warnings": checks.warnings(report)}]}
+        return {"ui": ui, "result": (patched_model, patch, loss_plot(result.losses, "Forget Train"), patched_clip,
+                                     report_image(report), checks.table(report))}

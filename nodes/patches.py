@@ -6,6 +6,7 @@ import os
 
 import folder_paths
 
+from ..fmn_core.checks import patch_summary
 from ..fmn_core.files import inside, safe_filename
 from ..fmn_core.merge import PRESERVE_WEIGHT, merge_patches
 from ..fmn_core.patch import STRENGTH_RANGE, apply_patch_with_clip, load_patch, save_patch, with_cover
@@ -50,7 +51,8 @@ class ApplyForgetPatch:
         }}
 
     def apply(self, model, patch, strength, clip=None):
-        return apply_patch_with_clip(model, clip, patch, strength)
+        return {"ui": {"fmn_report": [patch_summary(patch.metadata)]},
+                "result": apply_patch_with_clip(model, clip, patch, strength)}
 
 
 class LoadForgetPatch:
@@ -72,7 +74,8 @@ class LoadForgetPatch:
             return hashlib.sha256(f.read()).hexdigest()
 
     def load(self, patch_name):
-        return (load_patch(folder_paths.get_full_path_or_raise(FOLDER, patch_name)),)
+        patch = load_patch(folder_paths.get_full_path_or_raise(FOLDER, patch_name))
+        return {"ui": {"fmn_report": [patch_summary(patch.metadata)]}, "result": (patch,)}
 
 
 class SaveForgetPatch:

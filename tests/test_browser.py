@@ -246,6 +246,25 @@ def unexpected(entry: dict) -> bool:
     return not (entry["source"] == "console-api" and STOCK_SETTING_RACE in message and "/extensions/" not in message)
 
 
+VERDICT_JS = "return [...document.querySelectorAll('.fmn-verdict-text')].map(e => e.textContent)"
+
+
+def test_forget_train_shows_its_verdict_on_the_node(server: ComfyServer, frontend: WebDriver, ui_message: list[dict]) -> None:
+    """The workflow's Forget Train ran before the viewer: its node shows the one-line verdict
+    the server's history recorded for it (web/forget_report.js)."""
+    (entry,) = server.get("/history").values()
+    workflow = json.loads(WORKFLOW.read_text())
+    (train_id,) = [str(node["id"]) for node in workflow["nodes"] if node["type"] == "FMN_ForgetTrain"]
+    [report] = entry["outputs"][train_id]["fmn_report"]
+    WebDriverWait(frontend, IMAGE_TIMEOUT_S, POLL_S / 4).until(lambda d: d.execute_script(VERDICT_JS),
+                                                               "no verdict on the Forget Train node")
+    assert frontend.execute_script(VERDICT_JS) == [report["verdict"]]
+    assert report["verdict"].startswith("erased ")
+    screenshot = ARTIFACTS / "forget_train_verdict_screen.png"
+    frontend.save_screenshot(str(screenshot))
+    save_node_picture(frontend, screenshot, ARTIFACTS / "forget_train_verdict.png", "FMN_ForgetTrain")
+
+
 def test_console_has_no_errors_or_warnings(browser: WebDriver, ui_message: list[dict]) -> None:
     """Everything logged since the page opened: start-up, the extension loading, the run,
     the grid and (when the tests above ran) the zoom."""

@@ -54,7 +54,7 @@ def trained(toy):
     """(patched MODEL, FORGET_PATCH) of a short Forget Train of star."""
     mp, clip, _, _ = toy
     with torch.inference_mode():
-        return NODES["FMN_ForgetTrain"]().train(mp, clip, "star | object", 5, 0.1, 4, 0, resolution=32)
+        return NODES["FMN_ForgetTrain"]().train(mp, clip, "star | object", 5, 0.1, 4, 0, resolution=32)["result"]
 
 
 def sample(model, clip, seed: int = 11) -> torch.Tensor:
@@ -129,11 +129,11 @@ def test_two_trainings_on_one_model_are_independent(toy):
     mp, clip, _, _ = toy
     train = NODES["FMN_ForgetTrain"]()
     with torch.inference_mode():
-        first = train.train(mp, clip, "star | object", 6, 0.1, 4, 0, resolution=32)[1]
-        second = train.train(mp, clip, "Captain Zorb | identity", 6, 0.1, 4, 3, resolution=32)[1]
+        first = train.train(mp, clip, "star | object", 6, 0.1, 4, 0, resolution=32)["result"][1]
+        second = train.train(mp, clip, "Captain Zorb | identity", 6, 0.1, 4, 3, resolution=32)["result"][1]
         fresh_mp, fresh_clip, _ = loader.load()
-        alone = train.train(fresh_mp, fresh_clip, "Captain Zorb | identity", 6, 0.1, 4, 3, resolution=32)[1]
-        again = train.train(mp, clip, "star | object", 6, 0.1, 4, 0, resolution=32)[1]
+        alone = train.train(fresh_mp, fresh_clip, "Captain Zorb | identity", 6, 0.1, 4, 3, resolution=32)["result"][1]
+        again = train.train(mp, clip, "star | object", 6, 0.1, 4, 0, resolution=32)["result"][1]
     for one, other in ((second, alone), (first, again)):
         assert one.lora.keys() == other.lora.keys()
         assert all(torch.equal(one.lora[k], other.lora[k]) for k in one.lora)

@@ -250,7 +250,7 @@ def test_a_demo_patch_loads_in_a_toy_layout_diffusers_pipeline(tmp_path, monkeyp
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "forget_patches", ([str(tmp_path)], {".safetensors"}))
     with torch.inference_mode():
         model, clip, _ = NODES["FMN_LoadToyBench"]().load()
-        _, patch, _, _ = NODES["FMN_ForgetTrain"]().train(model, clip, "star | object", 4, 0.1, 4, 0, resolution=32)
+        _, patch, *_ = NODES["FMN_ForgetTrain"]().train(model, clip, "star | object", 4, 0.1, 4, 0, resolution=32)["result"]
         NODES["FMN_SaveForgetPatch"]().save(patch, "toy_star", False)
     path = tmp_path / "toy_star.safetensors"
     names = diffusers_names(model, attn2_keys(model))

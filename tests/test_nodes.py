@@ -18,7 +18,7 @@ TRAIN = NODES["FMN_ForgetTrain"]
 
 def run_train(model, clip, concepts="van gogh | style", steps=3, **optional):
     with torch.inference_mode():
-        return TRAIN().train(model, clip, concepts, steps, 1e-2, 2, 0, resolution=RESOLUTION, **optional)
+        return TRAIN().train(model, clip, concepts, steps, 1e-2, 2, 0, resolution=RESOLUTION, **optional)["result"]
 
 
 def sample(model, clip, seed=5):
@@ -38,7 +38,7 @@ def sd1():
 def test_forget_train_leaves_the_input_model_untouched(sd1):
     model, clip = sd1
     state, before = host_state(model), sample(model, clip)
-    patched, patch, plot, patched_clip = run_train(model, clip)
+    patched, patch, plot, patched_clip, *_ = run_train(model, clip)
     assert patched_clip is clip  # an aimed patch has no text-encoder side: the CLIP passes through
     assert host_state(model) == state
     assert torch.equal(sample(model, clip), before)
@@ -175,14 +175,14 @@ def test_token_rows_mode_patches_the_clip_and_apply_needs_it(sd1):
     output, and Apply Forget Patch's when its clip input is connected; without it, a clear error."""
     model, clip = sd1
     clip_state = host_state(clip.patcher)
-    patched, patch, _, patched_clip = run_train(model, clip, steps=3, mode="token rows")
+    patched, patch, _, patched_clip, *_ = run_train(model, clip, steps=3, mode="token rows")
     prompt, other = "a painting by van gogh", "a house by a lake"
     assert patched.patches == {} and torch.equal(sample(patched, clip), sample(model, clip))
     assert not torch.equal(host.encode(patched_clip, prompt), host.encode(clip, prompt))
     assert torch.equal(host.encode(patched_clip, other), host.encode(clip, other))
     apply = NODES["FMN_ApplyForgetPatch"]()
     with torch.inference_mode():
-        _, applied_clip = apply.apply(model, patch, 1.0, clip=clip)
+        _, applied_clip = apply.apply(model, patch, 1.0, clip=clip)["result"]
     assert torch.equal(host.encode(applied_clip, prompt), host.encode(patched_clip, prompt))
     assert host_state(clip.patcher) == clip_state
     with pytest.raises(ValueError, match="connect the CLIP to Apply Forget Patch"):

@@ -138,8 +138,8 @@ def test_an_sdxl_graph_runs_through_the_hosts_python_api(sdxl):
     model, clip = sdxl
     vae = loader.load()[2]  # any 4-channel VAE decodes the maps' image
     with torch.inference_mode():  # as the host's executor runs every node
-        patched, patch, plot, _ = NODES["FMN_ForgetTrain"]().train(model, clip, f"{CONCEPT} | style", 35, 1e-2, 2, 0,
-                                                                resolution=128, output_weight=0.0)
+        patched, patch, plot, _, report, text = NODES["FMN_ForgetTrain"]().train(
+            model, clip, f"{CONCEPT} | style", 35, 1e-2, 2, 0, resolution=128, output_weight=0.0)["result"]
         prompt = "a village painted by van gogh"
         positive, negative = (host_nodes.CLIPTextEncode().encode(clip, text)[0] for text in (prompt, ""))
         latent = host_nodes.EmptyLatentImage().generate(64, 64, 1)[0]

@@ -34,8 +34,8 @@ NODE_CONTRACT = {
         {"images": "IMAGE", "vae": "VAE", "latent": "LATENT", "mode": "COMBO", "include_end_token": "BOOLEAN",
          "batch_size": "INT", "resolution": "INT", "output_weight": "FLOAT", "keep": "STRING",
          "save_every": "INT", "checkpoint_name": "STRING", "resume_from": "COMBO", "precision": "COMBO",
-         "gradient_checkpointing": "BOOLEAN", "warm_start": "BOOLEAN", "negative_guidance": "FLOAT"},
-        ["MODEL", "FORGET_PATCH", "IMAGE", "CLIP"], False),
+         "gradient_checkpointing": "BOOLEAN", "warm_start": "BOOLEAN", "negative_guidance": "FLOAT", "target": "FLOAT"},
+        ["MODEL", "FORGET_PATCH", "IMAGE", "CLIP", "IMAGE", "STRING"], False),
     "FMN_ApplyForgetPatch": ({"model": "MODEL", "patch": "FORGET_PATCH", "strength": "FLOAT"}, {"clip": "CLIP"},
                              ["MODEL", "CLIP"], False),
     "FMN_LoadForgetPatch": ({"patch_name": "COMBO"}, {}, ["FORGET_PATCH"], False),
@@ -139,6 +139,9 @@ def check_patch_file(path: Path, concept: str) -> None:
     assert all(m.startswith("lora_unet_") and m.endswith(("_attn2_to_k", "_attn2_to_v")) for m in modules), sorted(modules)[:4]
     assert len(modules) == 2 * SD15_ATTN2_LAYERS
     assert concept in json.loads(metadata["fmn.concepts"])
+    report = json.loads(metadata["fmn.self_check"])  # the run's own measurement travels with the file
+    assert report["concepts"] == json.loads(metadata["fmn.concepts"]) and report["history"]
+    assert "Measured on its own model: erased" in metadata["modelspec.description"]
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +223,11 @@ def test_forget_concept_workflow_runs(server: ComfyServer, van_gogh: tuple[dict,
     (save_id,) = node_ids(prompt, "FMN_SaveForgetPatch")
     assert entry["outputs"][save_id]["text"] == ["fmn_test_van_gogh.safetensors"]
     check_patch_file(server.patches_dir / "fmn_test_van_gogh.safetensors", "Van Gogh")
+    (train_id,) = node_ids(prompt, "FMN_ForgetTrain")
+    [shown] = entry["outputs"][train_id]["fmn_report"]  # what the node shows after the run
+    assert shown["verdict"].startswith("erased ") and "of the way to the prompt without it" in shown["verdict"]
+    with safe_open(str(server.patches_dir / "fmn_test_van_gogh.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["fmn.self_check"])["steps"] == 2  # the 2-step budget the test sets
 
     images = saved_images(server, entry, prompt)
     assert sorted(images) == ["After", "Before"]

@@ -1,0 +1,436 @@
+"""In-run checks: every Forget Train run measures what it did, on the model it trains.
+
+A user's checkpoint has no oracle, so the signals come from forwards of the run's own UNet
+and text encoder, on material the run never trained on: templates held out from the
+concept's training templates (CHECK_TEMPLATES), a fixed check seed (independent of the
+run's seed, and drawn from a generator of its own so training draws exactly what it drew
+without checks) and several noise levels (CHECK_TIMESTEPS).
+
+- erasure: how far the patched model's prediction on a held-out concept prompt moved from
+  the original's toward the original's prediction for the anchor prompt, as a projection:
+  <p(c) - o(c), o(a) - o(c)> / |o(a) - o(c)|^2, summed over prompts and seeds: 0 =
+  unchanged, 1 = the anchor's; negative guidance aims past the anchor, so above 1 happens.
+- collateral: the root-mean-square change of the prediction on ordinary prompts (a few of
+  the preserve prompts, and the keep list's prompts), absolute (in noise units: the noise
+  itself has RMS 1) and relative to the concept prompts' own change.
+- attention: the concept tokens' share of cross-attention on the held-out prompts before
+  and after, and the largest relative change of any word's share in the ordinary prompts.
+
+The original model is the training model with its edit switched off (`original`), so no
+second UNet is held; its predictions are computed once, before the first step.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, ContextManager
+
+import torch
+
+from . import host
+from .attention import Routed, TokenShare
+from .concepts import Concept, keep_prompts, preserve_prompts
+from .tokens import SpecialTokens, concept_positions, content_tokens
+
+# Held-out phrasings per category: none is a training template (TEMPLATES in concepts.py).
+CHECK_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "object": ("a drawing of {}", "{} on a wooden table"),
+    "style": ("a city street in the style of {}", "a still life by {}"),
+    "identity": ("a photograph of {} standing outside", "{} looking at the camera"),
+    "nsfw": ("a {} person at the beach", "a drawing of a {} figure"),
+}
+GENERIC_CHECK_TEMPLATES = ("a picture showing {}", "{}, detailed")  # custom templates
+CHECK_TIMESTEPS = (250, 500, 750)  # noise levels, low to high
+CHECK_SEED = 20_231
+ORDINARY_PROMPTS = 4  # preserve prompts measured for collateral, spread over the list
+DEFAULT_CHECK_EVERY = 25
+# Above this collateral (relative to the concept's own change) the node warns; read off
+# ToyBench (bench/quality.json, 'self_check'), see the README's "How a run measures itself".
+COLLATERAL_WARNING = 0.5
+
+
+@dataclass(frozen=True)
+class Item:
+    """One prompt measured at every noise level: its context and the columns of its concept
+    (or of its words, for an ordinary prompt)."""
+
+    context: torch.Tensor           # (1, T, D)
+    pooled: torch.Tensor | None
+    columns: list[int]
+
+
+@dataclass
+class ConceptItems:
+    text: str
+    anchor: str
+    prompts: list[str]
+    items: list[Item]               # the held-out concept prompts, as the original encoder reads them
+    anchors: list[Item]             # the same prompts with the anchor in the concept's place
+    x: torch.Tensor                 # (prompts * levels, C, H, W) noisy latents
+    sigma: torch.Tensor             # (prompts * levels,)
+
+
+def held_out(concept: Concept) -> Concept:
+    """`concept` with the check templates of its category in place of its training ones."""
+    pool = CHECK_TEMPLATES.get(concept.category, GENERIC_CHECK_TEMPLATES)
+    return Concept(concept.text, concept.category, tuple(t for t in pool if t not in concept.templates),
+                   anchor=concept.anchor)
+
+
+def _columns(clip, concept_text: str | None, prompt: str) -> list[int]:
+    """The concept's positions in `prompt`; with no concept, the prompt's word positions."""
+    special = SpecialTokens(**host.special_tokens(clip))
+    chunks = host.tokenize(clip, prompt)
+    if concept_text is not None:
+        return concept_positions(chunks, content_tokens(host.tokenize(clip, concept_text), special), special)
+    return list(range(1, 1 + len(content_tokens(chunks, special))))
+
+
+def _item(clip, prompt: str, concept_text: str | None) -> Item:
+    context, pooled = host.encode_pooled(clip, prompt)
+    return Item(context, pooled, _columns(clip, concept_text, prompt))
+
+
+def ordinary_prompts(keep: tuple[str, ...], concepts: list[Concept], clip) -> list[str]:
+    """Collateral prompts: a spread of the preserve prompts and the keep list's prompts,
+    without any that contain a forgotten concept's words (their change is intended)."""
+    preserve = [p for p in preserve_prompts() if p]
+    step = max(1, len(preserve) // ORDINARY_PROMPTS)
+    special = SpecialTokens(**host.special_tokens(clip))
+    needles = [content_tokens(host.tokenize(clip, c.text), special) for c in concepts]
+
+    def mentions(prompt: str) -> bool:
+        return any(concept_positions(host.tokenize(clip, prompt), n, special) for n in needles if n)
+    return [p for p in preserve[::step][:ORDINARY_PROMPTS] + keep_prompts(keep) if not mentions(p)]
+
+
+def _noisy(sampling, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """x0 (1, C, H, W) noised once at each check level: (levels, C, H, W), (levels,)."""
+    sigma = sampling.sigma(torch.tensor(CHECK_TIMESTEPS, dtype=torch.float32)).cpu()
+    noise = torch.randn((len(CHECK_TIMESTEPS), *x0.shape[1:]), generator=generator)
+    return sampling.noise_scaling(sigma, noise, x0.expand_as(noise)), sigma
+
+
+def _x0(latents: torch.Tensor | None, shape: tuple[int, ...], index: int, generator: torch.Generator) -> torch.Tensor:
+    """The clean latent a check sample starts from: the concept's own images when the run
+    had them (as training draws them), else pure noise (as training without images does)."""
+    noise = torch.randn(shape, generator=generator)[None]  # drawn either way: the seeds do not shift with images
+    return noise if latents is None else latents[index % len(latents)][None].float()
+
+
+@dataclass
+class CheckMaterial:
+    """Everything the checks measure on, built before training."""
+
+    concepts: list[ConceptItems]
+    ordinary: list[Item]
+    ordinary_x: torch.Tensor
+    ordinary_sigma: torch.Tensor
+
+
+def material(clip, concepts: list[Concept], keep: tuple[str, ...], sampling, shape: tuple[int, ...],
+             latents: dict[int, torch.Tensor] | None = None) -> CheckMaterial:
+    """Held-out prompts, their anchors and the ordinary prompts, encoded by the original
+    encoder, and their noisy latents from the check seed."""
+    generator = torch.Generator().manual_seed(CHECK_SEED)
+    per_concept = []
+    for index, concept in enumerate(concepts):
+        check = held_out(concept)
+        prompts = check.prompts()
+        xs = [_noisy(sampling, _x0((latents or {}).get(index), shape, i, generator), generator) for i in range(len(prompts))]
+        per_concept.append(ConceptItems(
+            concept.text, concept.anchor, prompts,
+            [_item(clip, p, concept.text) for p in prompts],
+            [_item(clip, a, None) for a in check.anchor_prompts()],
+            torch.cat([x for x, _ in xs]), torch.cat([s for _, s in xs])))
+    ordinary = [_item(clip, p, None) for p in ordinary_prompts(keep, concepts, clip)]
+    xs = [_noisy(sampling, _x0(None, shape, 0, generator), generator) for _ in ordinary]
+    return CheckMaterial(per_concept, ordinary, torch.cat([x for x, _ in xs]) if xs else torch.zeros(0),
+                         torch.cat([s for _, s in xs]) if xs else torch.zeros(0))
+
+
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+# (context, pooled) of concept `c`'s held-out prompt `i`, with the edit or without, for
+# edits that live in the text encoder (mode 'token rows').
+PatchedContext = Callable[[int, int, bool], "tuple[torch.Tensor, torch.Tensor | None]"]
+
+
+@dataclass
+class Measured:
+    """Predictions (in noise units) and attention shares of one set of prompts."""
+
+    predictions: torch.Tensor  # (prompts * levels, C, H, W)
+    shares: torch.Tensor       # (prompts * levels, T)
+
+
+@dataclass
+class CheckReport:
+    """A run's self-measurement: what the node shows, the patch header stores, and the
+    benchmark compares with the oracle."""
+
+    concepts: list[str]
+    anchors: list[str]
+    target: float
+    budget: int
+    steps: int = 0
+    met: bool = False
+    history: list[dict] = field(default_factory=list)      # {"step": s, "erasure": [per concept]}
+    erasure: list[float] = field(default_factory=list)     # per concept, all levels
+    erasure_by_level: list[list[float]] = field(default_factory=list)  # per concept, per CHECK_TIMESTEPS
+    collateral: float = 0.0            # RMS change on ordinary prompts, noise units
+    collateral_relative: float = 0.0  # ... over the concept prompts' own RMS change
+    collateral_by_level: list[float] = field(default_factory=list)
+    concept_share_before: list[float] = field(default_factory=list)
+    concept_share_after: list[float] = field(default_factory=list)
+    worst_word_change: float = 0.0     # largest relative change of a word's share in ordinary prompts
+    worst_word: str = ""
+    held_out_prompts: list[str] = field(default_factory=list)
+    ordinary_prompts: list[str] = field(default_factory=list)
+    timesteps: list[int] = field(default_factory=lambda: list(CHECK_TIMESTEPS))
+    check_seconds: float = 0.0
+    train_seconds: float = 0.0
+
+    @property
+    def least_erased(self) -> float:
+        return min(self.erasure) if self.erasure else 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CheckReport":
+        return cls(**json.loads(text))
+
+
+class SelfCheck:
+    """Measures a training run at its checks: the original predictions once, then the
+    patched model's whenever asked.
+
+    `forward` is the training UNet's forward (edit on); `original()` switches the edit off;
+    `route` is the sink router the run registered its attn2 hooks with, so the checks read
+    attention through the same hooks; `patched_context` encodes a concept prompt with or
+    without the edit (default: the original encoder's contexts, for edits in the UNet)."""
+
+    def __init__(self, stuff: CheckMaterial, forward: Forward, original: Callable[[], ContextManager], route: Routed,
+                 target: float, budget: int, every: int, patched_context: PatchedContext | None = None,
+                 ordinary_names: list[str] | None = None) -> None:
+        self.stuff, self.forward, self.original, self.route = stuff, forward, original, route
+        self.every, self.patched_context = every, patched_context
+        self.report = CheckReport([c.text for c in stuff.concepts], [c.anchor for c in stuff.concepts], target, budget,
+                                  held_out_prompts=[p for c in stuff.concepts for p in c.prompts],
+                                  ordinary_prompts=ordinary_names or [])
+        with self._timed(), self.original():
+            self.before = [self._concept(c, i, patched=False) for i, c in enumerate(stuff.concepts)]
+            self.anchors = [self._run(c.anchors, c.x, c.sigma) for c in stuff.concepts]
+            self.ordinary_before = self._run(stuff.ordinary, stuff.ordinary_x, stuff.ordinary_sigma)
+        self._check_finite("the original model's predictions", *[m.predictions for m in self.before + self.anchors])
+        self.after: list[Measured] = []
+
+    @contextlib.contextmanager
+    def _timed(self):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.report.check_seconds += time.perf_counter() - started
+
+    def _run(self, items: list[Item], x: torch.Tensor, sigma: torch.Tensor) -> Measured:
+        """Predictions and shares of `items`, each at every level (one forward per item)."""
+        levels = len(CHECK_TIMESTEPS)
+        predictions, shares = [], []
+        device = host.device()
+        with torch.no_grad():
+            for i, item in enumerate(items):
+                part = slice(i * levels, (i + 1) * levels)
+                xs, sig = x[part].to(device), sigma[part].to(device)
+                sink = TokenShare()
+                pooled = None if item.pooled is None else item.pooled.to(device).expand(levels, -1)
+                with self.route.to(sink):
+                    out = self.forward(xs, sig, item.context.to(device).expand(levels, -1, -1), pooled)
+                predictions.append((out.float() / sig.reshape(-1, 1, 1, 1).float()).cpu())
+                shares.append(sink.shares().float().cpu())
+        if not predictions:
+            return Measured(torch.zeros(0), torch.zeros(0))
+        return Measured(torch.cat(predictions), torch.cat(shares))
+
+    def _concept(self, c: ConceptItems, index: int, patched: bool) -> Measured:
+        items = c.items
+        if self.patched_context is not None:
+            items = [Item(*self.patched_context(index, i, patched), it.columns) for i, it in enumerate(c.items)]
+        return self._run(items, c.x, c.sigma)
+
+    def due(self, step: int) -> bool:
+        """Whether a check follows `step` finished steps."""
+        return step % self.every == 0 or step == self.report.budget
+
+    def check(self, step: int) -> bool:
+        """Measure erasure after `step` steps; True once every concept meets the target."""
+        with self._timed():
+            self.after = [self._concept(c, i, patched=True) for i, c in enumerate(self.stuff.concepts)]
+        erasure = [self._erasure(i)[0] for i in range(len(self.after))]
+        self._check_finite(f"the check after step {step}", torch.tensor(erasure))
+        self.report.history.append({"step": step, "erasure": [round(e, 4) for e in erasure]})
+        self.report.steps, self.report.erasure = step, erasure
+        self.report.met = self.report.target > 0 and min(erasure) >= self.report.target
+        return self.report.met
+
+    def _erasure(self, index: int) -> tuple[float, list[float]]:
+        """Concept `index`'s erasure overall and per level, from the last check."""
+        original, anchor, patched = self.before[index].predictions, self.anchors[index].predictions, self.after[index].predictions
+        levels = len(CHECK_TIMESTEPS)
+        gap = (anchor - original).reshape(-1, levels, *original.shape[1:]).double()
+        moved = (patched - original).reshape(gap.shape).double()
+        along = (moved * gap).flatten(2).sum(-1).sum(0)  # (levels,)
+        length = gap.pow(2).flatten(2).sum(-1).sum(0).clamp_min(1e-12)
+        return float(along.sum() / length.sum()), [float(v) for v in along / length]
+
+    def finish(self, step: int, train_seconds: float) -> CheckReport:
+        """Complete the report after `step` steps, the run's last (checked there if it was not
+        yet): erasure per level, collateral and attention."""
+        report = self.report
+        if not report.history or report.history[-1]["step"] != step:
+            self.check(step)
+        with self._timed():
+            ordinary_after = self._run(self.stuff.ordinary, self.stuff.ordinary_x, self.stuff.ordinary_sigma)
+        report.erasure_by_level = [[round(v, 4) for v in self._erasure(i)[1]] for i in range(len(self.after))]
+        concept_change = torch.cat([(a.predictions - b.predictions).flatten() for a, b in zip(self.after, self.before)])
+        report.collateral_by_level, report.collateral = _rms_change(ordinary_after.predictions,
+                                                                    self.ordinary_before.predictions)
+        concept_rms = float(concept_change.double().pow(2).mean().sqrt())
+        report.collateral_relative = report.collateral / concept_rms if concept_rms > 0 else 0.0
+        report.concept_share_before = [_column_share(m.shares, c.items) for m, c in zip(self.before, self.stuff.concepts)]
+        report.concept_share_after = [_column_share(m.shares, c.items) for m, c in zip(self.after, self.stuff.concepts)]
+        report.worst_word_change, report.worst_word = _worst_word(self.ordinary_before.shares, ordinary_after.shares,
+                                                                   self.stuff.ordinary, report.ordinary_prompts)
+        report.train_seconds = train_seconds
+        self._check_finite("the final check", torch.tensor([report.collateral, report.worst_word_change]))
+        _round(report)
+        return report
+
+    @staticmethod
+    def _check_finite(what: str, *tensors: torch.Tensor) -> None:
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            raise RuntimeError(f"Forget Train's checks diverged: {what} is not finite (NaN or inf); no patch was "
+                               "produced. Lower learning_rate, or use precision fp32 if it was fp16")
+
+
+def _rms_change(after: torch.Tensor, before: torch.Tensor) -> tuple[list[float], float]:
+    """RMS of after - before per level and overall (0 with no ordinary prompt)."""
+    if after.numel() == 0:
+        return [0.0] * len(CHECK_TIMESTEPS), 0.0
+    change = (after - before).double().reshape(-1, len(CHECK_TIMESTEPS), *after.shape[1:])
+    per_level = change.transpose(0, 1).flatten(1).pow(2).mean(1).sqrt()
+    return [float(v) for v in per_level], float(change.pow(2).mean().sqrt())
+
+
+def _column_share(shares: torch.Tensor, items: list[Item]) -> float:
+    """Mean share of the items' columns over their prompts and levels."""
+    levels = len(CHECK_TIMESTEPS)
+    totals = [float(shares[i * levels:(i + 1) * levels, item.columns].sum(-1).mean()) for i, item in enumerate(items)]
+    return sum(totals) / len(totals)
+
+
+def _worst_word(before: torch.Tensor, after: torch.Tensor, items: list[Item], prompts: list[str]) -> tuple[float, str]:
+    """Largest |after - before| / before of any word's share (mean over levels), and where."""
+    levels, worst, where = len(CHECK_TIMESTEPS), 0.0, ""
+    for i, item in enumerate(items):
+        b = before[i * levels:(i + 1) * levels, item.columns].mean(0)
+        a = after[i * levels:(i + 1) * levels, item.columns].mean(0)
+        change = ((a - b).abs() / b.clamp_min(1e-12))
+        if change.numel() and float(change.max()) > worst:
+            worst, where = float(change.max()), prompts[i] if i < len(prompts) else ""
+    return worst, where
+
+
+def _round(report: CheckReport) -> None:
+    """Four decimals: the figures are estimates, and the header should stay small."""
+    for name in ("collateral", "collateral_relative", "worst_word_change", "check_seconds", "train_seconds"):
+        setattr(report, name, round(getattr(report, name), 4))
+    for name in ("erasure", "collateral_by_level", "concept_share_before", "concept_share_after"):
+        setattr(report, name, [round(v, 4) for v in getattr(report, name)])
+
+
+
+def _anchor_phrase(anchor: str) -> str:
+    return f"'{anchor}'" if anchor.strip() else "the prompt without it"
+
+
+def verdict(report: CheckReport) -> str:
+    """One line for the node and the model card: how far the concept went, what else moved,
+    and whether the run stopped on its target."""
+    if len(report.erasure) == 1:
+        erased = f"erased {report.erasure[0]:.2f} of the way to {_anchor_phrase(report.anchors[0])}"
+    else:
+        least = report.concepts[report.erasure.index(min(report.erasure))]
+        erased = f"erased {min(report.erasure):.2f}-{max(report.erasure):.2f} of the way to the anchors (least: {least})"
+    moved = f"other prompts moved {report.collateral_relative:.0%} as far"
+    if report.target <= 0:
+        ending = f"ran all {report.steps} steps"
+    elif report.met:
+        ending = f"target {report.target:g} met at step {report.steps} of {report.budget}"
+    else:
+        ending = f"fell short of target {report.target:g} in {report.steps} steps"
+    return f"{erased}; {moved}; {ending}"
+
+
+def warnings(report: CheckReport) -> list[str]:
+    """What the user should change, when the figures say so."""
+    out = []
+    if report.target > 0 and not report.met:
+        out.append(f"the concept's erasure {report.least_erased:.2f} stayed below the target {report.target:g}: raise "
+                   "steps or learning_rate, or give images of the concept")
+    if report.collateral_relative > COLLATERAL_WARNING:
+        out.append(f"other prompts moved {report.collateral_relative:.0%} as far as the concept's "
+                   f"(most: '{report.worst_word}'): add what must stay to keep, or lower learning_rate or steps")
+    return out
+
+
+def table(report: CheckReport) -> str:
+    """The report as text, for a Show Text node and the console."""
+    lines = [verdict(report), ""]
+    levels = ", ".join(f"t={t}" for t in report.timesteps)
+    for i, concept in enumerate(report.concepts):
+        by_level = ", ".join(f"{v:.2f}" for v in report.erasure_by_level[i]) if report.erasure_by_level else ""
+        lines.append(f"{concept}: erasure {report.erasure[i]:.3f} ({levels}: {by_level}); attention share "
+                     f"{report.concept_share_before[i]:.3f} -> {report.concept_share_after[i]:.3f}")
+    lines.append(f"collateral: RMS change {report.collateral:.4f} (per level {', '.join(f'{v:.4f}' for v in report.collateral_by_level)}),"
+                 f" {report.collateral_relative:.1%} of the concept's; largest change of a word's attention "
+                 f"{report.worst_word_change:.1%} ('{report.worst_word}')")
+    lines.append("checks: " + "; ".join(f"step {h['step']}: " + ", ".join(f"{e:.2f}" for e in h["erasure"])
+                                         for h in report.history))
+    lines.append(f"held out: {len(report.held_out_prompts)} concept prompts, {len(report.ordinary_prompts)} other "
+                 f"prompts, seed {CHECK_SEED}; checks took {report.check_seconds:.1f} s beside {report.train_seconds:.1f} s "
+                 "of training")
+    lines += [f"warning: {w}" for w in warnings(report)]
+    return "\n".join(lines)
+
+
+# A patch's header: its own run's report, or (a merge's, a hardening's) the reports of the
+# forget runs it was made from, carried forward.
+REPORT_KEY = "fmn.self_check"
+CARRIED_KEY = "fmn.self_check_carried"
+
+
+def reports_in(metadata: dict[str, str]) -> list[CheckReport]:
+    """The in-run reports a patch header holds: its own, else those carried forward."""
+    if REPORT_KEY in metadata:
+        return [CheckReport.from_json(metadata[REPORT_KEY])]
+    return [CheckReport(**r) for r in json.loads(metadata.get(CARRIED_KEY, "[]"))]
+
+
+def carried(metadata_of_sources: list[dict[str, str]]) -> dict[str, str]:
+    """Header fields that carry the sources' reports into a patch made from them."""
+    reports = [r for m in metadata_of_sources for r in reports_in(m)]
+    return {CARRIED_KEY: json.dumps([asdict(r) for r in reports], allow_nan=False)} if reports else {}
+
+
+def patch_summary(metadata: dict[str, str]) -> dict:
+    """What Load and Apply Forget Patch show on the node: each carried run's verdict."""
+    reports = reports_in(metadata)
+    if not reports:
+        return {"verdict": "no in-run report in this patch (written before the pack measured its runs)", "warnings": []}
+    made = "" if REPORT_KEY in metadata else f"made from {len(reports)} measured run(s): "
+    return {"verdict": made + " | ".join(verdict(r) for r in reports),
+            "warnings": [w for r in reports for w in warnings(r)]}

@@ -1,0 +1,172 @@
+"""Forget Train's in-run checks (fmn_core/checks.py) on small SD1-layout models built from
+the host's own classes: each signal pinned where its value is known, held-out material,
+stopping on the target, and the report in the patch header."""
+import contextlib
+import json
+
+import pytest
+import torch
+
+import host_models as hm
+from fmn_pack.fmn_core import checks, host
+from fmn_pack.fmn_core.attention import ColumnEnergy, Routed, make_attn2_replace
+from fmn_pack.fmn_core.concepts import TEMPLATES, parse_concepts
+from fmn_pack.fmn_core.merge import merge_patches
+from fmn_pack.fmn_core.patch import ForgetPatch, load_patch, save_patch
+from fmn_pack.fmn_core.train import MAX_TARGET, ForgetConfig, forget
+
+RESOLUTION = 64
+CONCEPTS = "van gogh | style"
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    return hm.sd15_model(), hm.sd1_clip()
+
+
+@contextlib.contextmanager
+def measuring(model, clip, patched_context=None, concepts=CONCEPTS, keep=()):
+    """A SelfCheck on `model` as a run builds it: a clone with the routed attn2 hooks, its
+    forward, and the original model's predictions taken at construction."""
+    parsed = parse_concepts(concepts)
+    shape = (model.model.diffusion_model.in_channels, RESOLUTION // 8, RESOLUTION // 8)
+    stuff = checks.material(clip, parsed, keep, host.model_sampling(model), shape)
+    route = Routed(ColumnEnergy())
+    clone = model.clone()
+    host.register_attn2(clone, host.attn2_layers(clone), lambda layer, prev: make_attn2_replace(layer.module, route, prev))
+    with torch.inference_mode(False), host.trainable_unet(clone, {}) as unet:
+        yield checks.SelfCheck(stuff, unet, contextlib.nullcontext, route, 0.0, 1, 1, patched_context,
+                               checks.ordinary_prompts(keep, parsed, clip))
+
+
+@pytest.mark.parametrize("inference", [True, False], ids=["inference mode", "outside it"])
+def test_an_unchanged_model_reads_no_erasure_and_no_collateral(sd1, inference):
+    model, clip = sd1
+    with torch.inference_mode(inference), measuring(model, clip) as check:
+        check.check(1)
+        report = check.finish(1, 0.0)
+    assert report.erasure == [0.0] and report.erasure_by_level == [[0.0, 0.0, 0.0]]
+    assert report.collateral == 0.0 and report.collateral_relative == 0.0 and report.worst_word_change == 0.0
+    assert report.concept_share_before == report.concept_share_after and report.concept_share_before[0] > 0
+
+
+@pytest.mark.parametrize("inference", [True, False], ids=["inference mode", "outside it"])
+def test_a_model_that_reads_the_concept_as_its_anchor_reads_erasure_one(sd1, inference):
+    """The patched side of each held-out concept prompt is the anchor prompt itself: its
+    prediction is then exactly the original's for the anchor."""
+    model, clip = sd1
+    anchors = [host.encode_pooled(clip, p) for p in checks.held_out(parse_concepts(CONCEPTS)[0]).anchor_prompts()]
+    originals = [host.encode_pooled(clip, p) for p in checks.held_out(parse_concepts(CONCEPTS)[0]).prompts()]
+
+    def context(concept: int, prompt: int, edited: bool):
+        return (anchors if edited else originals)[prompt]
+
+    with torch.inference_mode(inference), measuring(model, clip, context) as check:
+        check.check(1)
+        report = check.finish(1, 0.0)
+    assert report.erasure[0] == pytest.approx(1.0, abs=1e-4)
+    assert all(v == pytest.approx(1.0, abs=1e-4) for v in report.erasure_by_level[0])
+    assert report.collateral == 0.0  # the ordinary prompts went through unchanged
+
+
+def test_checks_measure_on_templates_the_run_never_trained_on(sd1):
+    model, clip = sd1
+    for category, templates in TEMPLATES.items():
+        assert not set(checks.CHECK_TEMPLATES[category]) & set(templates), category
+    concept = parse_concepts("red fox | a photo of {} at night")[0]
+    assert set(checks.held_out(concept).templates) == set(checks.GENERIC_CHECK_TEMPLATES)
+    result = run(model, clip, steps=2)
+    trained = set(parse_concepts(CONCEPTS)[0].prompts())
+    assert result.report.held_out_prompts and not set(result.report.held_out_prompts) & trained
+
+
+def test_collateral_prompts_leave_out_those_that_name_a_forgotten_concept(sd1):
+    _, clip = sd1
+    concepts = parse_concepts("cat | object")
+    prompts = checks.ordinary_prompts(("zebra",), concepts, clip)
+    assert prompts and not any("cat" in p.split(", ") or " cat" in p for p in prompts)
+    assert any("zebra" in p for p in prompts)  # the keep list's own prompts are measured
+
+
+def run(model, clip, concepts=CONCEPTS, **overrides):
+    config = ForgetConfig(resolution=RESOLUTION, **overrides)
+    with torch.inference_mode():
+        return forget(model, clip, parse_concepts(concepts), config)
+
+
+def test_a_run_stops_at_the_first_check_that_meets_its_target_and_says_so(sd1):
+    model, clip = sd1
+    stopped = run(model, clip, steps=40, check_every=5, target=0.01)
+    assert stopped.report.met and stopped.report.steps == 5 and len(stopped.losses) == 5
+    assert stopped.metadata["fmn.steps"] == "5" and stopped.report.budget == 40
+    assert "target 0.01 met at step 5 of 40" in checks.verdict(stopped.report)
+    fixed = run(model, clip, steps=5, check_every=5, target=0.0)
+    assert fixed.lora.keys() == stopped.lora.keys()
+    assert all(torch.equal(fixed.lora[k], stopped.lora[k]) for k in fixed.lora), "stopping changed the trained steps"
+
+
+def test_a_run_that_misses_its_target_uses_its_budget_and_warns(sd1):
+    model, clip = sd1
+    result = run(model, clip, steps=6, check_every=4, target=MAX_TARGET)
+    report = result.report
+    assert not report.met and report.steps == 6 and [h["step"] for h in report.history] == [4, 6]
+    assert "fell short of target" in checks.verdict(report)
+    assert any("raise steps or learning_rate" in w for w in checks.warnings(report))
+
+
+def test_the_same_seed_gives_the_same_patch_and_report(sd1):
+    model, clip = sd1
+    first, second = run(model, clip, steps=4, check_every=2, target=0.5), run(model, clip, steps=4, check_every=2, target=0.5)
+    assert all(torch.equal(first.lora[k], second.lora[k]) for k in first.lora)
+    assert first.report.history == second.report.history and first.report.erasure == second.report.erasure
+
+
+@pytest.mark.parametrize("mode", ["token rows", "gated k", "reference"])
+def test_every_mode_reports_finite_figures(sd1, mode):
+    model, clip = sd1
+    rate = {"learning_rate": 1e-4} if mode == "reference" else {}  # whole matrices: the paper's small rate
+    report = run(model, clip, steps=3, check_every=3, mode=mode, target=0.0, **rate).report
+    figures = report.erasure + [report.collateral, report.collateral_relative, report.worst_word_change]
+    assert all(torch.isfinite(torch.tensor(figures))), figures
+    assert report.erasure[0] != 0.0, f"mode {mode} changed nothing the checks could see"
+    if mode == "token rows":  # prompts without the concept's words reach the UNet as they were
+        assert report.collateral == 0.0
+
+
+def test_the_report_goes_into_the_patch_header_and_back(sd1, tmp_path):
+    model, clip = sd1
+    result = run(model, clip, steps=4, check_every=2, target=0.0)
+    path = save_patch(ForgetPatch(result.lora, result.metadata), tmp_path / "p.safetensors")
+    loaded = load_patch(path)
+    [report] = checks.reports_in(loaded.metadata)
+    assert report == result.report
+    assert checks.verdict(report) in loaded.metadata["modelspec.description"]
+    assert checks.patch_summary(loaded.metadata)["verdict"] == checks.verdict(report)
+    assert json.loads(loaded.metadata[checks.REPORT_KEY])["history"][-1]["step"] == 4
+
+
+def test_merge_carries_each_source_runs_report_forward(sd1):
+    model, clip = sd1
+    first = run(model, clip, steps=2, check_every=2, target=0.0)
+    second = run(model, clip, "red fox | object", steps=2, check_every=2, target=0.0)
+    with torch.inference_mode():
+        merged = merge_patches(clip, [ForgetPatch(first.lora, first.metadata), ForgetPatch(second.lora, second.metadata)])
+    assert checks.reports_in(merged.metadata) == [first.report, second.report]
+    assert checks.patch_summary(merged.metadata)["verdict"].startswith("made from 2 measured run(s)")
+    assert "no in-run report" in checks.patch_summary({})["verdict"]
+
+
+@pytest.mark.parametrize("target", [-0.1, MAX_TARGET + 0.1])
+def test_a_target_out_of_range_is_refused_before_training(sd1, target):
+    model, clip = sd1
+    with pytest.raises(ValueError, match="target must be between 0"):
+        run(model, clip, steps=2, target=target)
+
+
+def test_checks_that_diverge_stop_the_run_with_a_clear_error(sd1):
+    model, clip = sd1
+    with torch.inference_mode(), measuring(model, clip) as check:
+        real = check.forward
+        check.forward = lambda *args: real(*args) * float("nan")  # the hooks still see the attention
+        with pytest.raises(RuntimeError, match="checks diverged.*no patch was produced"):
+            check.check(1)
