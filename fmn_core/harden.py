@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import checks, host
+from . import check_report, host
 from .concepts import Concept, filled, keep_prompts, preserve_prompts
 from .inversion import InversionConfig, Prompts, invert
 from .latents import noisy
@@ -358,7 +358,7 @@ def _metadata(patcher, patch: ForgetPatch, concepts: list[Concept], config: Hard
         **model_card(arch, texts, [c.category for c in concepts], config.steps, HARDEN_MODE),
         "modelspec.title": "Harden the forgetting of " + ", ".join(texts),
         **inherited,
-        **checks.carried([patch.metadata]),  # the forget run's own measurement: what this patch hardens
+        **check_report.carried([patch.metadata]),  # the forget run's own measurement: what this patch hardens
         "fmn.format": "forget-me-not/1",
         "fmn.pack_version": __version__,
         "fmn.concepts": json.dumps(texts),

@@ -26,7 +26,7 @@ import json
 
 import torch
 
-from . import aim, checks, host
+from . import aim, check_report, host
 from .concepts import ANCHORS, TEMPLATES, Concept, keep_prompts
 from .patch import HARDEN_MODE, ForgetPatch, kohya_named, model_card, structure_problems
 from .train import anchor_moment, build_examples, preserve_moment
@@ -183,6 +183,6 @@ def merged_metadata(patches: list[ForgetPatch], rank: int, preserve_weight: floa
         "fmn.rank": str(rank),
         "fmn.merged_from": json.dumps(sources),
         "fmn.merge": json.dumps({"preserve_weight": preserve_weight, "tolerance": tolerance}),
-        **checks.carried([p.metadata for p in patches]),  # each source run's own measurement
+        **check_report.carried([p.metadata for p in patches]),  # each source run's own measurement
         **card,
     }

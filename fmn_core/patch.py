@@ -78,7 +78,7 @@ def model_card(arch: str, concepts: list[str], categories: list[str], steps: int
                edits_text: bool = False, gated: bool = False, measured: str = "") -> dict[str, str]:
     """The `modelspec.*` header fields that ComfyUI's Model Library (and other LoRA tools)
     show for a file, so a patch says what it does without being opened; `measured`, the
-    run's own verdict on itself (checks.verdict), ends the description."""
+    run's own verdict on itself (check_report.verdict), ends the description."""
     named = ", ".join(f"{c} ({k})" for c, k in zip(concepts, categories))
     return {
         "modelspec.sai_model_spec": "1.0.0",

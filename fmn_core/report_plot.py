@@ -6,7 +6,7 @@ import textwrap
 
 import torch
 
-from .checks import CheckReport, table
+from .check_report import CheckReport, table
 from .loss_plot import AXES, BACKGROUND, TEXT, _tensor
 
 WIDTH, PLOT_HEIGHT, LINE_HEIGHT, WRAP = 640, 220, 14, 100

@@ -34,7 +34,7 @@ import torch
 import contextlib
 import time
 
-from . import checks, host
+from . import check_report, checks, host
 from .attention import ColumnEnergy, Routed, make_attn2_replace
 from .concepts import Concept
 from .inversion import Prompts, initial_rows, word_rows
@@ -203,7 +203,7 @@ def forget_token_rows(patcher, clip, concepts: list[Concept], config: ForgetConf
         lora = edit.export(encoder)
     check_finite_tensors(lora)
     log.info("Forget-Me-Not (token rows): %d of %d steps, loss %.4f -> %.4f; %s", report.steps, config.steps,
-             losses[0], losses[-1], checks.verdict(report))
+             losses[0], losses[-1], check_report.verdict(report))
     metadata = describe(patcher, layers, concepts, replace(config, steps=report.steps), len(edit.ids), losses, report)
     return ForgetResult(lora, metadata, losses, report)
 

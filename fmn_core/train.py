@@ -29,7 +29,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from . import aim, checks, gate, host
+from . import aim, check_report, checks, gate, host
 from .attention import ColumnEnergy, Routed, make_attn2_replace
 from .checkpoint import Checkpoints, TrainingState, capture, resumed, save_state, settings_of, starting_state, state_path
 from .concepts import Concept, keep_prompts, preserve_prompts, with_kept
@@ -81,7 +81,7 @@ WARM_START_MAX_CONCEPTS = 3
 
 # The in-run erasure (checks.py) at which a run stops, read off ToyBench (bench/quality.json,
 # 'self_check'): see the README's "Stopping on a target".
-DEFAULT_TARGET = 0.0
+DEFAULT_TARGET = 1.0
 MAX_TARGET = 1.5
 
 
@@ -160,7 +160,7 @@ class ForgetResult:
     lora: dict[str, torch.Tensor]
     metadata: dict[str, str]
     losses: list[float] = field(default_factory=list)
-    report: checks.CheckReport | None = None
+    report: check_report.CheckReport | None = None
 
 
 KEEP = -1  # Example.concept of a kept concept's prompt
@@ -506,7 +506,7 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
     metadata = {**describe(patcher, layers, concepts, replace(config, steps=report.steps), rank, losses, report),
                 **gate_fields}
     log.info("Forget-Me-Not: %d of %d steps, loss %.4f -> %.4f; %s", report.steps, config.steps, losses[0], losses[-1],
-             checks.verdict(report))
+             check_report.verdict(report))
     return ForgetResult(lora, metadata, losses, report)
 
 
@@ -643,15 +643,15 @@ def check_finite_tensors(lora: dict[str, torch.Tensor], producer: str = "Forget 
 
 
 def describe(patcher, layers, concepts: list[Concept], config: ForgetConfig, rank: int, losses: list[float],
-             report: checks.CheckReport | None = None) -> dict[str, str]:
+             report: check_report.CheckReport | None = None) -> dict[str, str]:
     """Patch header metadata (safetensors metadata values are strings); with the run's
     check report, its figures (`fmn.self_check`) and verdict on the model card."""
     from . import __version__
 
     card = model_card(host.model_arch(patcher), [c.text for c in concepts], [c.category for c in concepts],
                       config.steps, config.mode, MODES[config.mode].token_rows, MODES[config.mode].gated,
-                      checks.verdict(report) if report is not None else "")
-    measured = {checks.REPORT_KEY: report.to_json(), "fmn.target": repr(config.target)} if report is not None else {}
+                      check_report.verdict(report) if report is not None else "")
+    measured = {check_report.REPORT_KEY: report.to_json(), "fmn.target": repr(config.target)} if report is not None else {}
     return {
         **measured,
         **card,

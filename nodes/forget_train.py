@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from ..fmn_core import checks, host
+from ..fmn_core import check_report, host
 from ..fmn_core.concepts import parse_concepts, parse_keep
 from ..fmn_core.loss_plot import loss_plot
 from ..fmn_core.report_plot import report_image
@@ -136,8 +136,8 @@ class ForgetTrain:
         patch = ForgetPatch(result.lora, result.metadata)
         patched_model, patched_clip = apply_patch_with_clip(model, clip, patch, 1.0)
         report = result.report
-        for warning in checks.warnings(report):
+        for warning in check_report.warnings(report):
             log.warning("Forget Train: %s", warning)
-        ui = {"fmn_report": [{"verdict": checks.verdict(report), "warnings": checks.warnings(report)}]}
+        ui = {"fmn_report": [{"verdict": check_report.verdict(report), "warnings": check_report.warnings(report)}]}
         return {"ui": ui, "result": (patched_model, patch, loss_plot(result.losses, "Forget Train"), patched_clip,
-                                     report_image(report), checks.table(report))}
+                                     report_image(report), check_report.table(report))}

@@ -6,7 +6,7 @@ import os
 
 import folder_paths
 
-from ..fmn_core.checks import patch_summary
+from ..fmn_core.check_report import patch_summary
 from ..fmn_core.files import inside, safe_filename
 from ..fmn_core.merge import PRESERVE_WEIGHT, merge_patches
 from ..fmn_core.patch import STRENGTH_RANGE, apply_patch_with_clip, load_patch, save_patch, with_cover

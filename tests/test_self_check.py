@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import host_models as hm
-from fmn_pack.fmn_core import checks, host
+from fmn_pack.fmn_core import check_report, checks, host
 from fmn_pack.fmn_core.attention import ColumnEnergy, Routed, make_attn2_replace
 from fmn_pack.fmn_core.concepts import TEMPLATES, parse_concepts
 from fmn_pack.fmn_core.merge import merge_patches
@@ -99,7 +99,7 @@ def test_a_run_stops_at_the_first_check_that_meets_its_target_and_says_so(sd1):
     stopped = run(model, clip, steps=40, check_every=5, target=0.01)
     assert stopped.report.met and stopped.report.steps == 5 and len(stopped.losses) == 5
     assert stopped.metadata["fmn.steps"] == "5" and stopped.report.budget == 40
-    assert "target 0.01 met at step 5 of 40" in checks.verdict(stopped.report)
+    assert "target 0.01 met at step 5 of 40" in check_report.verdict(stopped.report)
     fixed = run(model, clip, steps=5, check_every=5, target=0.0)
     assert fixed.lora.keys() == stopped.lora.keys()
     assert all(torch.equal(fixed.lora[k], stopped.lora[k]) for k in fixed.lora), "stopping changed the trained steps"
@@ -110,8 +110,8 @@ def test_a_run_that_misses_its_target_uses_its_budget_and_warns(sd1):
     result = run(model, clip, steps=6, check_every=4, target=MAX_TARGET)
     report = result.report
     assert not report.met and report.steps == 6 and [h["step"] for h in report.history] == [4, 6]
-    assert "fell short of target" in checks.verdict(report)
-    assert any("raise steps or learning_rate" in w for w in checks.warnings(report))
+    assert "fell short of target" in check_report.verdict(report)
+    assert any("raise steps or learning_rate" in w for w in check_report.warnings(report))
 
 
 def test_the_same_seed_gives_the_same_patch_and_report(sd1):
@@ -138,11 +138,11 @@ def test_the_report_goes_into_the_patch_header_and_back(sd1, tmp_path):
     result = run(model, clip, steps=4, check_every=2, target=0.0)
     path = save_patch(ForgetPatch(result.lora, result.metadata), tmp_path / "p.safetensors")
     loaded = load_patch(path)
-    [report] = checks.reports_in(loaded.metadata)
+    [report] = check_report.reports_in(loaded.metadata)
     assert report == result.report
-    assert checks.verdict(report) in loaded.metadata["modelspec.description"]
-    assert checks.patch_summary(loaded.metadata)["verdict"] == checks.verdict(report)
-    assert json.loads(loaded.metadata[checks.REPORT_KEY])["history"][-1]["step"] == 4
+    assert check_report.verdict(report) in loaded.metadata["modelspec.description"]
+    assert check_report.patch_summary(loaded.metadata)["verdict"] == check_report.verdict(report)
+    assert json.loads(loaded.metadata[check_report.REPORT_KEY])["history"][-1]["step"] == 4
 
 
 def test_merge_carries_each_source_runs_report_forward(sd1):
@@ -151,9 +151,9 @@ def test_merge_carries_each_source_runs_report_forward(sd1):
     second = run(model, clip, "red fox | object", steps=2, check_every=2, target=0.0)
     with torch.inference_mode():
         merged = merge_patches(clip, [ForgetPatch(first.lora, first.metadata), ForgetPatch(second.lora, second.metadata)])
-    assert checks.reports_in(merged.metadata) == [first.report, second.report]
-    assert checks.patch_summary(merged.metadata)["verdict"].startswith("made from 2 measured run(s)")
-    assert "no in-run report" in checks.patch_summary({})["verdict"]
+    assert check_report.reports_in(merged.metadata) == [first.report, second.report]
+    assert check_report.patch_summary(merged.metadata)["verdict"].startswith("made from 2 measured run(s)")
+    assert "no in-run report" in check_report.patch_summary({})["verdict"]
 
 
 @pytest.mark.parametrize("target", [-0.1, MAX_TARGET + 0.1])
@@ -170,3 +170,22 @@ def test_checks_that_diverge_stop_the_run_with_a_clear_error(sd1):
         check.forward = lambda *args: real(*args) * float("nan")  # the hooks still see the attention
         with pytest.raises(RuntimeError, match="checks diverged.*no patch was produced"):
             check.check(1)
+
+
+@pytest.mark.parametrize("inference", [True, False], ids=["inference mode", "outside it"])
+def test_the_node_runs_from_python_with_images_after_sampling_the_same_model(inference):
+    """A script or library caller runs outside the host's inference mode: sampling the
+    model, then Forget Train with images through the VAE, must work there too."""
+    from fmn_pack.nodes import NODE_CLASS_MAPPINGS
+    from fmn_pack.toybench import loader, world
+
+    mp, clip, vae = loader.load()
+    images = torch.from_numpy(world.images_of("moon", 4, 100))
+    with torch.inference_mode(inference):
+        host.sample_latent(mp, host.conditioning(clip, "a photo of moon"), host.conditioning(clip, ""), [1],
+                           torch.zeros(1, 4, 4, 4), steps=2)
+        out = NODE_CLASS_MAPPINGS["FMN_ForgetTrain"]().train(mp, clip, "moon | object", 4, 0.1, 4, 0, resolution=32,
+                                                             images=images, vae=vae)
+    patch, report = out["result"][1], check_report.reports_in(out["result"][1].metadata)[0]
+    assert patch.lora and report.steps == 4 and out["ui"]["fmn_report"][0]["verdict"] == check_report.verdict(report)
+    assert out["result"][4].shape[-1] == 3 and out["result"][5].startswith(check_report.verdict(report))
