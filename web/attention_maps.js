@@ -5,6 +5,7 @@
  */
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { element, hookNode, injectStyle } from "./fmn_dom.js";
 
 const NODE_NAME = "FMN_AttentionMapViewer";
 const WIDGET_NAME = "fmn_attention_maps";
@@ -30,22 +31,6 @@ const STYLE = `
 .fmn-attention-zoom img { width: min(80vw, 80vh); height: min(80vw, 80vh); object-fit: contain;
   image-rendering: pixelated; }
 `;
-
-/** One stylesheet per page, however many viewer nodes there are. */
-function injectStyle() {
-  if (document.getElementById(STYLE_ID)) return;
-  const style = document.createElement("style");
-  style.id = STYLE_ID;
-  style.textContent = STYLE;
-  document.head.append(style);
-}
-
-function element(tag, className, text) {
-  const node = document.createElement(tag);
-  node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
 
 /** The server's /view URL for a file the node wrote (through api so a base path is honoured). */
 function viewUrl({ filename, subfolder = "", type = "temp" }) {
@@ -155,18 +140,11 @@ function showMaps(node, entries) {
 
 app.registerExtension({
   name: "forget_me_not.attention_maps",
-  setup: injectStyle,
+  setup: () => injectStyle(STYLE_ID, STYLE),
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name !== NODE_NAME) return;
-    const onNodeCreated = nodeType.prototype.onNodeCreated;
-    nodeType.prototype.onNodeCreated = function () {
-      onNodeCreated?.apply(this, arguments);
-      addMapsWidget(this);
-    };
-    const onExecuted = nodeType.prototype.onExecuted;
-    nodeType.prototype.onExecuted = function (message) {
-      onExecuted?.apply(this, arguments);
-      if (message?.fmn_attention?.length) showMaps(this, message.fmn_attention);
-    };
+    hookNode(nodeType, addMapsWidget, (node, message) => {
+      if (message?.fmn_attention?.length) showMaps(node, message.fmn_attention);
+    });
   },
 });

@@ -6,6 +6,7 @@
  * verdicts a patch file carries.
  */
 import { app } from "../../scripts/app.js";
+import { element, hookNode, injectStyle } from "./fmn_dom.js";
 
 // Forget Train shows its run's verdict; Load and Apply Forget Patch show the one the patch carries.
 const NODE_NAMES = ["FMN_ForgetTrain", "FMN_LoadForgetPatch", "FMN_ApplyForgetPatch"];
@@ -17,25 +18,9 @@ const STYLE = `
 .fmn-verdict-warning { color: #ff9a7a; margin-top: 2px; }
 `;
 
-function injectStyle() {
-  if (document.getElementById(STYLE_ID)) return;
-  const style = document.createElement("style");
-  style.id = STYLE_ID;
-  style.textContent = STYLE;
-  document.head.append(style);
-}
-
-function line(className, text) {
-  const div = document.createElement("div");
-  div.className = className;
-  div.textContent = text;
-  return div;
-}
-
 /** Added with the node (the Vue renderer mounts DOM widgets when it first draws a node); empty until a run. */
 function addVerdictWidget(node) {
-  const holder = document.createElement("div");
-  holder.className = "fmn-verdict";
+  const holder = element("div", "fmn-verdict");
   const widget = node.addDOMWidget(WIDGET_NAME, "fmn_verdict", holder, {
     serialize: false,
     hideOnZoom: false,
@@ -48,8 +33,8 @@ function addVerdictWidget(node) {
 function showVerdict(node, report) {
   const widget = node.widgets.find((w) => w.name === WIDGET_NAME);
   widget.element.replaceChildren(
-    line("fmn-verdict-text", report.verdict),
-    ...(report.warnings || []).map((warning) => line("fmn-verdict-warning", `⚠ ${warning}`)),
+    element("div", "fmn-verdict-text", report.verdict),
+    ...(report.warnings || []).map((warning) => element("div", "fmn-verdict-warning", `⚠ ${warning}`)),
   );
   const [width, height] = node.computeSize();
   node.setSize([Math.max(width, node.size[0]), Math.max(height, node.size[1])]);
@@ -58,18 +43,11 @@ function showVerdict(node, report) {
 
 app.registerExtension({
   name: "forget_me_not.forget_report",
-  setup: injectStyle,
+  setup: () => injectStyle(STYLE_ID, STYLE),
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!NODE_NAMES.includes(nodeData.name)) return;
-    const onNodeCreated = nodeType.prototype.onNodeCreated;
-    nodeType.prototype.onNodeCreated = function () {
-      onNodeCreated?.apply(this, arguments);
-      addVerdictWidget(this);
-    };
-    const onExecuted = nodeType.prototype.onExecuted;
-    nodeType.prototype.onExecuted = function (message) {
-      onExecuted?.apply(this, arguments);
-      if (message?.fmn_report?.length) showVerdict(this, message.fmn_report[0]);
-    };
+    hookNode(nodeType, addVerdictWidget, (node, message) => {
+      if (message?.fmn_report?.length) showVerdict(node, message.fmn_report[0]);
+    });
   },
 });
