@@ -24,6 +24,11 @@ Figures (bench/README.md explains each one and how to read it):
    host's SDXL CLIP pair; 3 repetitions.
 9. seconds_per_concept_sdxl_1024: figure 4 on a full-size SDXL-layout UNet (~2.6 B
    parameters) and the full CLIP-L + CLIP-G pair at 1024 px; CUDA only, else null + reason.
+   Figures 4 and 9 also carry the run's in-run report (its checks' seconds beside the
+   training's, the steps it took of its budget, its erasure).
+10. self_check_share: the in-run checks' seconds over the training steps' seconds in one
+   default run run to its whole budget (target 0, so every check runs), on the small
+   SD1.5-layout model at 512 px (the issue's bound: at most 0.10).
 
 Machines are noisy (this one is shared), so every timing is the median of several
 repetitions after a warm-up, and compared quantities are measured interleaved in one run
@@ -668,6 +673,7 @@ def bench_full_size(pack, cfg: dict, layout: str = "SD1.5", smoke: bool = False)
         "per_step_in_run_s": spread(steps) if all(s is not None for s in steps) else None,
         "unet_dtype": str(patcher.model.get_dtype()),
         "final_loss": r4(result.losses[-1]),
+        "self_check": self_check_figures(result.report),
     }
     if smoke:
         out["smoke"] = "the tests' small model, 3 steps at 64 px: a check of this code path; the numbers mean nothing"
@@ -691,6 +697,42 @@ def full_size_figure(pack, cfg: dict, layout: str) -> dict:
                    f"{SECONDS_PER_CONCEPT_TARGET[layout]:g} s on one H200) and is measured only when "
                    "torch.cuda.is_available()"),
         "target_s": SECONDS_PER_CONCEPT_TARGET[layout],
+    }
+
+
+def self_check_figures(report) -> dict:
+    """A run's in-run report as figures: the checks' cost beside the training's, and the result."""
+    return {"check_s": report.check_seconds, "train_s": report.train_seconds,
+            "share": r4(report.check_seconds / report.train_seconds) if report.train_seconds else None,
+            "steps": report.steps, "budget": report.budget, "target": report.target, "met": report.met,
+            "erasure": report.erasure, "collateral_relative": report.collateral_relative}
+
+
+# --- figure 10: the in-run checks' share of a default run -------------------------------
+
+
+def bench_self_check_share(pack, cfg: dict) -> dict:
+    """Figure 10: one default run (512 px, 150 steps) to its whole budget on the small
+    SD1.5-layout model; the checks and the training steps are timed inside that one run
+    (wall clock, side by side), so the share does not depend on how busy the machine is
+    over minutes."""
+    import host_models
+    from fmn_pack.fmn_core.concepts import parse_concepts
+    from fmn_pack.fmn_core.train import ForgetConfig, forget
+
+    patcher, clip = host_models.sd15_model(seed=0), host_models.sd1_clip(seed=1)
+    concept = parse_concepts(CONCEPT_LINES[0])
+    forget(patcher, clip, concept, ForgetConfig(steps=2, check_every=1))  # warm-up
+    whole = forget(patcher, clip, concept, ForgetConfig(target=0.0)).report
+    return {
+        "value": r4(whole.check_seconds / whole.train_seconds),
+        "bound": 0.10,
+        "what": ("seconds of the in-run checks (the original predictions before the first step, every check, the "
+                 "final collateral and attention measurement) over the seconds of the training steps, in one "
+                 f"forget() run of '{CONCEPT_LINES[0]}' with the default ForgetConfig but target 0 "
+                 f"({whole.budget} steps, checks every {ForgetConfig().check_every}) at 512 px, the tests' small "
+                 "SD1.5-layout model; wall clock inside the run"),
+        "run": self_check_figures(whole),
     }
 
 
@@ -799,6 +841,7 @@ ONLY = {  # figures 4, 7, 8 and 9, also measurable alone with --only NAME: (resu
     "memory": ("training_memory", bench_training_memory),
     "sdxl": ("sdxl_train_step_over_sampling_step", lambda pack, cfg: bench_train_vs_sample(pack, cfg, "SDXL", reps=3)[0]),
     "sdxl-1024": ("seconds_per_concept_sdxl_1024", lambda pack, cfg: full_size_figure(pack, cfg, "SDXL")),
+    "self-check": ("self_check_share", bench_self_check_share),
 }
 
 
@@ -862,7 +905,8 @@ def main() -> int:
     parser.add_argument("--wall", action="store_true", help="use wall-clock time on a CPU-only machine too")
     parser.add_argument("--memory-probe", metavar="JSON", help=argparse.SUPPRESS)  # figure 7's child process
     parser.add_argument("--only", choices=sorted(ONLY),
-                        help="measure one figure alone (4: sd15-512, 7: memory, 8: sdxl, 9: sdxl-1024) and put it into the existing --out")
+                        help="measure one figure alone (4: sd15-512, 7: memory, 8: sdxl, 9: sdxl-1024, 10: self-check) "
+                             "and put it into the existing --out")
     parser.add_argument("--smoke-full-size", choices=sorted(FULL_SIZE),
                         help="run figure 4's (SD1.5) or 9's (SDXL) code small and short even without CUDA "
                              "(a path check; nothing is written)")
@@ -942,7 +986,7 @@ def main() -> int:
     t = time.perf_counter()
     results["sampling_with_capture"] = bench_capture_vs_sample(pack, cfg)
     seconds["sampling_with_capture"] = time.perf_counter() - t
-    for key, measure in ONLY.values():  # figures 4, 7, 8 and 9
+    for key, measure in ONLY.values():  # figures 4, 7, 8, 9 and 10
         t = time.perf_counter()
         results[key] = measure(pack, cfg)
         seconds[key] = time.perf_counter() - t
@@ -988,6 +1032,8 @@ def print_summary(results: dict) -> None:
     f8 = results["sdxl_train_step_over_sampling_step"]
     print(f"  8. SDXL layout: train step / sampling step: {f8['value']}x (vs a cfg step: {f8['ratio_vs_cfg_step']}x)")
     print_full_size(9, "SDXL 1024 px", results["seconds_per_concept_sdxl_1024"])
+    f10 = results["self_check_share"]
+    print(f"  10. in-run checks / training steps: {f10['value']}x (bound {f10['bound']})")
 
 
 def print_full_size(number: int, what: str, figure: dict) -> None:

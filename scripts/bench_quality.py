@@ -62,6 +62,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
+import self_check_agreement as agreement  # noqa: E402
 from bench import bootstrap  # noqa: E402
 
 OUT = REPO / "bench"
@@ -88,16 +89,20 @@ REDIRECT_RECIPES = {"output weight 100, 400 steps, lr 0.05": {"output_weight": 1
 # stayed fully detected at 2e-5 on an earlier build), so it is scaled x10; its 35 steps
 # become 100 (the pack's default when it was set; the pack now takes 150).
 KEEP_REST = "rest"  # a recipe's keep list: the world's concepts that the run does not forget
+# Every recipe but the pack's defaults runs its whole budget (target 0): they are the
+# fixed-step recipes they always were. The pack's defaults stop on the in-run target
+# (fmn_core/checks.py), and 'full budget' is the same run without stopping.
 RECIPES = {
     "pack defaults": {},
-    "no negative guidance": {"negative_guidance": 0.0},  # the defaults before negative guidance
+    "pack defaults, full budget": {"target": 0.0},
+    "no negative guidance": {"negative_guidance": 0.0, "target": 0.0},  # the defaults before negative guidance
     # the defaults before the closed-form warm start (and before negative guidance)
-    "re-steering alone": {"warm_start": False, "negative_guidance": 0.0},
-    "reference": {"mode": "reference", "output_weight": 0.0, "learning_rate": 2e-4, "steps": 100},
+    "re-steering alone": {"warm_start": False, "negative_guidance": 0.0, "target": 0.0},
+    "reference": {"mode": "reference", "output_weight": 0.0, "learning_rate": 2e-4, "steps": 100, "target": 0.0},
     "pack defaults + keep": {"keep": KEEP_REST},
-    "no negative guidance + keep": {"keep": KEEP_REST, "negative_guidance": 0.0},
+    "no negative guidance + keep": {"keep": KEEP_REST, "negative_guidance": 0.0, "target": 0.0},
     # the concepts' words' rows in the text encoder, the UNet untouched (fmn_core/token_rows.py)
-    "token rows": {"mode": "token rows"},
+    "token rows": {"mode": "token rows", "target": 0.0},
 }
 # "all but two": ten concepts forgotten in one run, one identity and one style kept, each
 # with neighbours of its own category forgotten beside it.
@@ -126,6 +131,15 @@ def score(base: dict, after: dict, forgotten: list[str]) -> dict:
     return {"erased_before": round(erased_before, 4), "erased_after": round(erased_after, 4),
             "kept_before": round(kept_before, 4), "kept_after": round(kept_after, 4), "kept": round(kept, 4),
             "H": round(harmonic(erased_after, kept), 4), "worst_kept": min(kept_names, key=lambda c: after[c] - base[c])}
+
+
+def self_check_entry(report) -> dict:
+    """A run's in-run report as the benchmark keeps it (fmn_core/checks.py)."""
+    return {"erasure": report.erasure, "erasure_mean": round(sum(report.erasure) / len(report.erasure), 4),
+            "collateral": report.collateral, "collateral_relative": report.collateral_relative,
+            "worst_word_change": report.worst_word_change, "steps": report.steps, "budget": report.budget,
+            "met": report.met, "history": report.history, "check_seconds": report.check_seconds,
+            "train_seconds": report.train_seconds}
 
 
 def harmonic(erased_after: float, kept: float) -> float:
@@ -316,6 +330,11 @@ def main(argv=None) -> None:
                          "attack; entries '<recipe> + hardened', about 7 min per concept with the attack")
     ap.add_argument("--only-redirect", action="store_true",
                     help="measure only the redirects (REDIRECTS) into the existing --out")
+    ap.add_argument("--self-check", action="store_true",
+                    help="the self-check study: train --runs x --recipes, measure each with the oracle on the chosen "
+                         "seeds (--quick: half), and put each run's in-run report and oracle figures into the "
+                         "existing --out's 'self_check' section as soon as it is measured, with the agreement "
+                         "(rank correlations) and early stopping's rows recomputed")
     ap.add_argument("--only-anchor-floor", action="store_true",
                     help="measure only how often the original model draws each object for the object anchor's prompts, "
                          "into the existing --out")
@@ -358,6 +377,9 @@ def main(argv=None) -> None:
         report = json.loads(Path(args.out).read_text())
         report["anchor_floor"] = anchor_floor(toy, oracle_net, seeds[0])
         return rewrite_report(report, Path(args.out))
+    if args.self_check:
+        return self_check_study(toy, oracle_net, {r: all_runs[r] for r in chosen}, recipes, seeds, args.seed,
+                                Path(args.out), all_runs)
     t0 = time.perf_counter()
     base = rates(toy[0], toy, oracle_net, seeds)
     print(f"base detection ({time.perf_counter() - t0:.0f}s): {json.dumps({k: round(v, 3) for k, v in base.items()})}", flush=True)
@@ -373,7 +395,8 @@ def main(argv=None) -> None:
             entry = {"run": run_name, "recipe": recipe_name, "settings": recipe, "concepts": forgotten,
                      "seconds_per_concept": round(out["seconds"] / len(forgotten), 2), "patch_bytes": out["bytes"],
                      "loss_first_last": [round(out["result"].losses[0], 4), round(out["result"].losses[-1], 4)],
-                     **score(base, after, forgotten), "after": {k: round(v, 3) for k, v in after.items()}}
+                     **score(base, after, forgotten), "after": {k: round(v, 3) for k, v in after.items()},
+                     "self_check": self_check_entry(out["result"].report)}
             if args.precise_erasure:
                 entry["precise"] = precise_entry(toy, oracle_net, forgotten, out, entry["kept"], precise_base)
             results.append(entry)
@@ -393,14 +416,59 @@ def main(argv=None) -> None:
         report["recovery_attack"] = recovery_attack(toy, oracle_net, trained, seeds[0])
     report["anchor_floor"] = anchor_floor(toy, oracle_net, seeds[0])
     report["redirect"] = redirect_report(toy, oracle_net, seeds, args.seed, report["base"], REDIRECT_RECIPES)
+    add_self_check(report, all_runs)
     write_report(report, Path(args.out), table=not args.runs and not args.only_recipes)
     print(f"wrote {args.out} ({time.perf_counter() - t0:.0f}s)")
+
+
+def add_self_check(report: dict, all_runs: dict) -> None:
+    """The agreement of the runs' in-run reports with the oracle, and early stopping's
+    cost or gain on the single concepts (scripts/self_check_agreement.py), plus its plot,
+    over the study's runs (`--self-check`), or the report's own results without one."""
+    study = report.get("self_check", {})
+    runs = study.get("runs") or report["results"]
+    singles = [name for name, lines in all_runs.items() if len(lines) == 1]
+    report["self_check"] = {**study, **agreement.agreement(runs), "early_stopping": agreement.early_stopping(runs, singles)}
+    agreement.scatter(runs, OUT / "self_check.png")
+
+
+def self_check_study(toy, oracle_net, chosen: dict, recipes: dict, seeds, seed: int, out: Path, all_runs: dict) -> None:
+    """`--self-check`: each recipe x run trained and measured (recipes in the order given),
+    and put into `out` at once, so an interrupted study keeps what it measured."""
+    earlier = json.loads(out.read_text()).get("self_check", {})
+    if (earlier.get("seeds_identity"), earlier.get("seeds_scene")) == tuple(seeds):  # same seeds: same base rates
+        base = earlier["base"]
+    else:
+        base = rates(toy[0], toy, oracle_net, seeds)
+    for recipe_name, recipe in recipes.items():
+        for run_name, lines in chosen.items():
+            if recipe_name in MULTI_CONCEPT_ONLY and len(lines) == 1:
+                continue
+            forgotten = [line.split("|")[0].strip() for line in lines]
+            trained = one_run(toy, lines, recipe, seed)
+            after = rates(trained["patched"], toy, oracle_net, seeds, clip=trained["clip"])
+            entry = {"run": run_name, "recipe": recipe_name, "settings": recipe,
+                     "seconds_per_concept": round(trained["seconds"] / len(forgotten), 2),
+                     **score(base, after, forgotten), "self_check": self_check_entry(trained["result"].report)}
+            report = json.loads(out.read_text())
+            study = report.setdefault("self_check", {})
+            study.update(seeds_identity=seeds[0], seeds_scene=seeds[1], base={k: round(v, 4) for k, v in base.items()})
+            study["runs"] = [r for r in study.get("runs", []) if (r["run"], r["recipe"]) != (run_name, recipe_name)] + [entry]
+            add_self_check(report, all_runs)
+            rewrite_report(report, out)
+            print(f"{run_name:22s} {recipe_name:26s} oracle erased {entry['erased_before']:.2f}->{entry['erased_after']:.2f} "
+                  f"kept {entry['kept']:.3f} H {entry['H']:.3f} | in-run erasure {entry['self_check']['erasure_mean']:.3f} "
+                  f"collateral {entry['self_check']['collateral_relative']:.3f} steps {entry['self_check']['steps']} "
+                  f"| spearman {report['self_check']['spearman_erasure']:.2f} / "
+                  f"{report['self_check']['spearman_collateral_relative']:.2f}", flush=True)
 
 
 def write_report(report: dict, out: Path, table: bool) -> None:
     """The JSON report, and with `table` the README's tables in bench/QUALITY.md."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    partial = out.with_suffix(".tmp")  # replaced in one step: an interrupted write leaves the old report whole
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    partial.replace(out)
     if table:
         (OUT / "QUALITY.md").write_text(markdown(report))
 
@@ -428,6 +496,7 @@ def merge_results(out: Path, new: dict, all_runs: dict) -> None:
     results.sort(key=lambda r: (order.index(r["run"]), place(r["recipe"])))
     report.update(results=results, recipes=recipes,
                   merged=sorted({*report.get("merged", []), new["measured"]}))
+    add_self_check(report, all_runs)
     rewrite_report(report, out)
     print(f"merged {len(new['results'])} results into {out}")
 
