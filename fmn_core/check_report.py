@@ -10,6 +10,9 @@ from dataclasses import asdict, dataclass, field
 COLLATERAL_WARNING = 0.5
 
 
+TIMINGS = ("check_seconds", "train_seconds")  # measured, never written into a patch
+
+
 @dataclass
 class CheckReport:
     """A run's self-measurement: what the node shows, the patch header stores, and the
@@ -43,7 +46,9 @@ class CheckReport:
         return min(self.erasure) if self.erasure else 0.0
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), allow_nan=False)
+        """The header's copy: without the seconds, so the same seed writes the same file."""
+        fields = {k: v for k, v in asdict(self).items() if k not in TIMINGS}
+        return json.dumps(fields, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str) -> "CheckReport":
@@ -120,7 +125,7 @@ def reports_in(metadata: dict[str, str]) -> list[CheckReport]:
 def carried(metadata_of_sources: list[dict[str, str]]) -> dict[str, str]:
     """Header fields that carry the sources' reports into a patch made from them."""
     reports = [r for m in metadata_of_sources for r in reports_in(m)]
-    return {CARRIED_KEY: json.dumps([asdict(r) for r in reports], allow_nan=False)} if reports else {}
+    return {CARRIED_KEY: json.dumps([json.loads(r.to_json()) for r in reports], allow_nan=False)} if reports else {}
 
 
 def patch_summary(metadata: dict[str, str]) -> dict:

@@ -120,11 +120,11 @@ def test_the_node_saves_checkpoints_offers_them_and_resumes(toy, tmp_path, monke
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "forget_patches", ([str(tmp_path)], {".safetensors"}))
     monkeypatch.setattr(folder_paths, "filename_list_cache", {})  # the host's listing cache would outlive the test
     node, train = NODES["FMN_ForgetTrain"], NODES["FMN_ForgetTrain"]().train
-    whole = train(toy[0], toy[1], "star | object", 4, 0.1, 4, 0, resolution=32, save_every=2, checkpoint_name="ckpt")[1]
+    whole = train(toy[0], toy[1], "star | object", 4, 0.1, 4, 0, resolution=32, save_every=2, checkpoint_name="ckpt")["result"][1]
     assert folder_paths.get_filename_list("forget_patches") == ["ckpt_step2.safetensors"]
     assert (tmp_path / "ckpt_step2.fmn-state").is_file()
     assert node.INPUT_TYPES()["optional"]["resume_from"][0] == ["none", "ckpt_step2.safetensors"]
-    resumed = train(toy[0], toy[1], "star | object", 4, 0.1, 4, 0, resolution=32, resume_from="ckpt_step2.safetensors")[1]
+    resumed = train(toy[0], toy[1], "star | object", 4, 0.1, 4, 0, resolution=32, resume_from="ckpt_step2.safetensors")["result"][1]
     assert all(torch.equal(resumed.lora[k], whole.lora[k]) for k in whole.lora) and resumed.metadata == whole.metadata
 
 
