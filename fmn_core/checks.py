@@ -123,6 +123,7 @@ class CheckMaterial:
 
     concepts: list[ConceptItems]
     ordinary: list[Item]
+    ordinary_prompts: list[str]
     ordinary_x: torch.Tensor
     ordinary_sigma: torch.Tensor
 
@@ -142,9 +143,10 @@ def material(clip, concepts: list[Concept], keep: tuple[str, ...], sampling, sha
             [_item(clip, p, concept.text) for p in prompts],
             [_item(clip, a, None) for a in check.anchor_prompts()],
             torch.cat([x for x, _ in xs]), torch.cat([s for _, s in xs])))
-    ordinary = [_item(clip, p, None) for p in ordinary_prompts(keep, concepts, clip)]
+    names = ordinary_prompts(keep, concepts, clip)
+    ordinary = [_item(clip, p, None) for p in names]
     xs = [_noisy(sampling, _x0(None, shape, 0, generator), generator) for _ in ordinary]
-    return CheckMaterial(per_concept, ordinary, torch.cat([x for x, _ in xs]) if xs else torch.zeros(0),
+    return CheckMaterial(per_concept, ordinary, names, torch.cat([x for x, _ in xs]) if xs else torch.zeros(0),
                          torch.cat([s for _, s in xs]) if xs else torch.zeros(0))
 
 
@@ -172,13 +174,12 @@ class SelfCheck:
     without the edit (default: the original encoder's contexts, for edits in the UNet)."""
 
     def __init__(self, stuff: CheckMaterial, forward: Forward, original: Callable[[], ContextManager], route: Routed,
-                 target: float, budget: int, every: int, patched_context: PatchedContext | None = None,
-                 ordinary_names: list[str] | None = None) -> None:
+                 target: float, budget: int, every: int, patched_context: PatchedContext | None = None) -> None:
         self.stuff, self.forward, self.original, self.route = stuff, forward, original, route
         self.every, self.patched_context = every, patched_context
         self.report = CheckReport([c.text for c in stuff.concepts], [c.anchor for c in stuff.concepts], target, budget,
                                   held_out_prompts=[p for c in stuff.concepts for p in c.prompts],
-                                  ordinary_prompts=ordinary_names or [], timesteps=list(CHECK_TIMESTEPS),
+                                  ordinary_prompts=stuff.ordinary_prompts, timesteps=list(CHECK_TIMESTEPS),
                                   check_seed=CHECK_SEED)
         with self._timed(), self.original():
             self.before = [self._concept(c, i, patched=False) for i, c in enumerate(stuff.concepts)]

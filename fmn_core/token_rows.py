@@ -177,8 +177,7 @@ def forget_token_rows(patcher, clip, concepts: list[Concept], config: ForgetConf
         blocks = host.unet_blocks(clone) if config.gradient_checkpointing else []
         with host.trainable_unet(clone, {}) as unet, checkpointed(blocks, sink.recomputing):
             checker = checks.SelfCheck(stuff, unet, contextlib.nullcontext, route, config.target, config.steps,
-                                       config.check_every, _held_out_contexts(clip, concepts, per_concept, edit, encoder),
-                                       checks.ordinary_prompts(config.keep, concepts, clip))
+                                       config.check_every, _held_out_contexts(clip, concepts, per_concept, edit, encoder))
             started, done = time.perf_counter(), 0
             for step in range(config.steps):
                 batch = []

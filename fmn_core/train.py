@@ -475,7 +475,7 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
             if config.warm_starts(len(concepts)) and state is None:
                 warm_start(clone, deltas, examples, preserve)
             checker = checks.SelfCheck(stuff, unet, lambda: disabled(deltas), route, config.target, config.steps,
-                                       config.check_every, ordinary_names=checks.ordinary_prompts(config.keep, concepts, clip))
+                                       config.check_every)
             started, done = time.perf_counter(), start
             for step in range(start, config.steps):
                 batch = [_draw(examples, source, sampling, generator, step * config.batch_size + b) for b in range(config.batch_size)]

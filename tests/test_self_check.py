@@ -36,8 +36,7 @@ def measuring(model, clip, patched_context=None, concepts=CONCEPTS, keep=()):
     clone = model.clone()
     host.register_attn2(clone, host.attn2_layers(clone), lambda layer, prev: make_attn2_replace(layer.module, route, prev))
     with torch.inference_mode(False), host.trainable_unet(clone, {}) as unet:
-        yield checks.SelfCheck(stuff, unet, contextlib.nullcontext, route, 0.0, 1, 1, patched_context,
-                               checks.ordinary_prompts(keep, parsed, clip))
+        yield checks.SelfCheck(stuff, unet, contextlib.nullcontext, route, 0.0, 1, 1, patched_context)
 
 
 @pytest.mark.parametrize("inference", [True, False], ids=["inference mode", "outside it"])
