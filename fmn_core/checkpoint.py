@@ -17,7 +17,7 @@ train something else.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -49,6 +49,7 @@ class TrainingState:
     adam_steps: list[torch.Tensor]
     generator: torch.Tensor
     losses: list[float]
+    checks: list[dict] = field(default_factory=list)  # the in-run checks so far (checks.py), for the resumed run's report
 
 
 @dataclass
@@ -81,7 +82,7 @@ def settings_of(config, **inputs) -> dict:
 
 
 def capture(step: int, params: list[torch.Tensor], optimizer: torch.optim.Optimizer, generator: torch.Generator,
-            losses: list[float]) -> TrainingState:
+            losses: list[float], checks: list[dict] = ()) -> TrainingState:
     states = [optimizer.state.get(p, {}) for p in params]
     zeros = [torch.zeros_like(p) for p in params]
     return TrainingState(
@@ -92,6 +93,7 @@ def capture(step: int, params: list[torch.Tensor], optimizer: torch.optim.Optimi
         adam_steps=[torch.as_tensor(s.get("step", 0.0), dtype=torch.float32).detach().clone() for s in states],
         generator=generator.get_state().clone(),
         losses=list(losses),
+        checks=list(checks),
     )
 
 
@@ -145,7 +147,8 @@ def save_state(path: Path, state: TrainingState, settings: dict, overwrite: bool
                          ("adam_step", state.adam_steps)):
         tensors.update({f"{name}.{i}": v.detach().float().cpu().contiguous() for i, v in enumerate(values)})
     metadata = {"fmn.format": FORMAT, "fmn.step": str(state.step), "fmn.settings": json.dumps(settings, sort_keys=True),
-                "fmn.losses": json.dumps(state.losses), "fmn.count": str(len(state.params))}
+                "fmn.losses": json.dumps(state.losses), "fmn.checks": json.dumps(state.checks),
+                "fmn.count": str(len(state.params))}
     return atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite)
 
 
@@ -167,6 +170,7 @@ def load_state(path: Path, settings: dict) -> TrainingState:
             adam_steps=[tensors[f"adam_step.{i}"] for i in range(count)],
             generator=tensors["generator"].to(torch.uint8),
             losses=[float(x) for x in json.loads(metadata["fmn.losses"])],
+            checks=list(json.loads(metadata.get("fmn.checks", "[]"))),  # states saved before the checks have none
         )
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"{Path(path).name} is not a valid Forget-Me-Not training state: {e}") from None

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Sequence
 
 import torch
 
@@ -171,14 +171,17 @@ class SelfCheck:
     `forward` is the training UNet's forward (edit on); `original()` switches the edit off;
     `route` is the sink router the run registered its attn2 hooks with, so the checks read
     attention through the same hooks; `patched_context` encodes a concept prompt with or
-    without the edit (default: the original encoder's contexts, for edits in the UNet)."""
+    without the edit (default: the original encoder's contexts, for edits in the UNet);
+    `earlier` is a resumed run's check history, carried in its training state, so its report
+    shows the whole run."""
 
     def __init__(self, stuff: CheckMaterial, forward: Forward, original: Callable[[], ContextManager], route: Routed,
-                 target: float, budget: int, every: int, patched_context: PatchedContext | None = None) -> None:
+                 target: float, budget: int, every: int, patched_context: PatchedContext | None = None,
+                 earlier: Sequence[dict] = ()) -> None:
         self.stuff, self.forward, self.original, self.route = stuff, forward, original, route
         self.every, self.patched_context = every, patched_context
         self.report = CheckReport([c.text for c in stuff.concepts], [c.anchor for c in stuff.concepts], target, budget,
-                                  held_out_prompts=[p for c in stuff.concepts for p in c.prompts],
+                                  history=list(earlier), held_out_prompts=[p for c in stuff.concepts for p in c.prompts],
                                   ordinary_prompts=stuff.ordinary_prompts, timesteps=list(CHECK_TIMESTEPS),
                                   check_seed=CHECK_SEED)
         with self._timed(), self.original():

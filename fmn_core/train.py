@@ -475,7 +475,7 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
             if config.warm_starts(len(concepts)) and state is None:
                 warm_start(clone, deltas, examples, preserve)
             checker = checks.SelfCheck(stuff, unet, lambda: disabled(deltas), route, config.target, config.steps,
-                                       config.check_every)
+                                       config.check_every, earlier=state.checks if state is not None else ())
             started, done = time.perf_counter(), start
             for step in range(start, config.steps):
                 batch = [_draw(examples, source, sampling, generator, step * config.batch_size + b) for b in range(config.batch_size)]
@@ -488,14 +488,15 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
                 _activate(optimizer, owners, batch)
                 precision.step(optimizer)
                 losses.append(float(loss.detach()))
-                if checkpoints is not None and checkpoints.due(step + 1, config.steps):
-                    _write_checkpoint(checkpoints.path_for(step + 1), deltas, patcher, layers, concepts,
-                                      replace(config, steps=step + 1), rank, settings,
-                                      capture(step + 1, params, optimizer, generator, losses))
+                done = step + 1
+                stop = checker.due(done) and checker.check(done)
+                if not stop and checkpoints is not None and checkpoints.due(done, config.steps):
+                    _write_checkpoint(checkpoints.path_for(done), deltas, patcher, layers, concepts,
+                                      replace(config, steps=done), rank, settings,
+                                      capture(done, params, optimizer, generator, losses, checker.report.history))
                 if progress is not None:
                     progress.step()
-                done = step + 1
-                if checker.due(done) and checker.check(done):
+                if stop:
                     break
             report = checker.finish(done, time.perf_counter() - started)
         for p in params:

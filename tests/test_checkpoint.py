@@ -156,3 +156,16 @@ def test_a_several_concept_run_resumes_exactly_too(toy, tmp_path):
     resumed = forget(toy[0], toy[1], both, CONFIG, resume=state_path(tmp_path / "run_step2.safetensors"))
     assert resumed.losses == whole.losses
     assert all(torch.equal(resumed.lora[k], whole.lora[k]) for k in whole.lora)
+
+
+def test_a_resumed_runs_report_holds_the_checks_made_before_the_resume(toy, tmp_path):
+    """The state file carries the check history, so the resumed run's report (node figure,
+    patch header) shows every check of the run, as the uninterrupted run's does."""
+    config = replace(CONFIG, check_every=2, target=0.0)
+    whole = forget(toy[0], toy[1], CONCEPTS, config)
+    with pytest.raises(Cancelled):
+        forget(toy[0], toy[1], CONCEPTS, config, progress=CancelAfter(3), checkpoints=every(2, tmp_path))
+    resumed = forget(toy[0], toy[1], CONCEPTS, config, resume=state_path(tmp_path / "run_step2.safetensors"))
+    assert [h["step"] for h in whole.report.history] == [2, 4, 6]
+    assert resumed.report.history == whole.report.history
+    assert resumed.metadata == whole.metadata
