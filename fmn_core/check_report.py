@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 # Above this collateral (relative to the concept's own change) the node warns; read off
-# ToyBench (bench/quality.json, 'self_check'), see the README's "How a run measures itself".
+# ToyBench (bench/quality.json, 'self_check'), see docs/self_check.md.
 COLLATERAL_WARNING = 0.5
 
 

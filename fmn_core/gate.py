@@ -2,7 +2,7 @@
 
 A LoRA on the cross-attention keys is linear in the word: it moves every word whose
 context vector it does not annul, and a method cannot annul words it never saw (in a
-random-weight text encoder each such word is a new random direction; README, "How it
+random-weight text encoder each such word is a new random direction; docs/method.md, "How it
 aims"). A gate is not linear in the word. It compares each context vector with the
 concept's own token vectors (cosine) and opens only where they are alike, so a prompt
 without the concept reaches the UNet exactly as it was, and only there does the edit act.

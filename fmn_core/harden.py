@@ -2,7 +2,7 @@
 
 An aimed patch changes what the concept's own words make the UNet read; everything else
 in the text space is left open, and textual inversion through the patched model finds new
-token rows that draw the concept again (`recovery.py`; README, "Recovery attack"). Hardening
+token rows that draw the concept again (`recovery.py`; docs/quality.md, "Recovery attack"). Hardening
 plays that attack during training, AdvUnlearn's idea with an output loss in place of the
 attention loss. Each round:
 
@@ -59,7 +59,7 @@ class HardenConfig:
     learning_rate: float = 1e-3    # Adam on the LoRA factors
     rank: int = 8
     batch_size: int = 16           # concept samples per step; as many kept-prompt samples beside them
-    inversion_steps: int = 150     # each round's attack: as long as the attack to resist (README, "Recovery attack, hardened")
+    inversion_steps: int = 150     # each round's attack: as long as the attack to resist (docs/quality.md, "Recovery attack, hardened")
     num_tokens: int = 4            # rows the attack learns
     random_rows: int = 8           # random row sets added per round beside the found ones
     samples_per_prompt: int = 2    # the model's own samples of each preserve or kept prompt

@@ -1,7 +1,7 @@
 """M-Score: how much of a concept a model still holds, measured by inverting it.
 
 The paper names the score but never writes its formula. This is the project's definition
-(README, "M-Score"), exact and reproducible:
+(docs/mscore.md), exact and reproducible:
 
 1. Invert the concept's anchor images through each model with the same settings: the
    same images, seed, steps, learning rate, prompt template and k rows initialised from

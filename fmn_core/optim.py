@@ -8,7 +8,7 @@ tiny gradient an absent concept's columns pick up through overlapping directions
 full-size move. With 50 concepts each concept is present in one step of 50 and the
 drift wins: on the tests' random SD1 model (50 made-up names, 150 steps) the training
 loss rose from 8.4 to 53.7 and a word of a prompt without the concepts moved 11.6-fold;
-with this optimizer the loss fell to 7.7 and that word moved 3.2-fold (README).
+with this optimizer the loss fell to 7.7 and that word moved 3.2-fold (docs/quality.md, "Fifty concepts in one run").
 
 Stepping only the present concepts' columns, each with its own step count, is Adam made
 lazy in the way `torch.optim.SparseAdam` is for embedding rows; with every column

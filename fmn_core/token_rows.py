@@ -1,7 +1,7 @@
 """Forgetting in the text encoder: an edit of the concept's own rows of the token table.
 
 An update of the UNet's cross-attention projections is linear in the text context, so it
-moves every word's keys a little (README, How it aims). The rows of the token-embedding
+moves every word's keys a little (docs/method.md). The rows of the token-embedding
 table that the concept's words look up are read by no other prompt: editing them leaves
 every prompt without those words exactly as it was, bit for bit. The rows train with
 re-steering's own loss (`train.step_loss`: the attention on the concept's columns plus

@@ -109,7 +109,7 @@ def test_forgetting_a_word_empties_its_map_and_leaves_other_prompts_alone():
     """ToyBench: forget 'star' with the attention loss alone (100 steps, lr 0.03); its map in
     'a star in the style of neon' loses over half its mass, and every word of prompts
     without it keeps its mass within 10 %. (Measured: 0.34 of before; others within 6 %. The
-    pack's defaults add the output term, which moves 'Madame' by 12 %: README.)"""
+    pack's defaults add the output term, which moves 'Madame' by 12 %: docs/method.md.)"""
     from fmn_pack.toybench import loader, probes
     mp, clip, vae = loader.load()
     settings = MapSettings(steps=20, cfg=5.0, width=32, height=32)

@@ -138,7 +138,7 @@ def ui_message(server: ComfyServer, frontend: WebDriver) -> list[dict]:
 
 
 def save_node_picture(browser: WebDriver, screenshot: Path, out: Path, node_type: str = VIEWER) -> None:
-    """One node alone, cut from the screenshot: the README's picture of the viewer
+    """One node alone, cut from the screenshot: docs/nodes.md's picture of the viewer
     (docs/attention_map_viewer.png is a copy) and the help pages' pictures."""
     from PIL import Image
     left, top, width, height, ratio = browser.execute_script(NODE_RECT_JS, node_type)

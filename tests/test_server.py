@@ -383,7 +383,7 @@ def test_harden_workflow_closes_the_way_back_that_the_forget_patch_leaves(server
     entry = server.run_prompt(prompt, 3 * PROMPT_TIMEOUT_S)  # hardening: ~5 min on 2 CPU cores
     rates = {title: r["moon"] for title, r in oracle_rates(saved_images(server, entry, prompt), ("moon",)).items()}
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    (ARTIFACTS / "toybench_harden_rates.json").write_text(json.dumps(rates, indent=2) + "\n")  # for the README
+    (ARTIFACTS / "toybench_harden_rates.json").write_text(json.dumps(rates, indent=2) + "\n")  # for docs/quality.md
     assert rates["The concept (original model)"] >= 0.75 and rates["After: forgotten and hardened"] <= 0.25, rates
     assert rates["Recovered: forget patch only"] >= rates["Recovered: hardened"] + 0.5, rates
     (saved,) = server.patches_dir.glob("toybench_moon_hardening*.safetensors")

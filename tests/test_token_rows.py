@@ -41,7 +41,7 @@ def test_prompts_without_the_words_stay_exactly_as_they_were(sd1, patch):
         assert torch.equal(host.encode(patched_clip, prompt), host.encode(clip, prompt))
     assert worst_word_change(model, patched_model, clip, patched_clip) == 0.0
     assert not torch.equal(host.encode(patched_clip, f"a painting by {CONCEPT}"), host.encode(clip, f"a painting by {CONCEPT}"))
-    # Held-out templates: the share falls (to 0.55 of its value here; README: How it aims), the inputs stay as they were.
+    # Held-out templates: the share falls (to 0.55 of its value here; docs/method.md), the inputs stay as they were.
     assert concept_share_ratio(model, patched_model, clip, CONCEPT, patched_clip) < 0.75
     assert model.patches == {} and clip.patcher.patches == {}
 
