@@ -80,7 +80,7 @@ WARM_START_MAX_CONCEPTS = 3
 
 
 # The in-run erasure (checks.py) at which a run stops, read off ToyBench (bench/quality.json,
-# 'self_check'): see the README's "Stopping on a target".
+# 'self_check'): see docs/self_check.md, "Stopping on a target".
 DEFAULT_TARGET = 1.0
 MAX_TARGET = 1.5
 
