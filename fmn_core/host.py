@@ -513,6 +513,31 @@ def vision_embeds(clip_vision, images: torch.Tensor) -> torch.Tensor:
     return clip_vision.encode_image(images).image_embeds.float()
 
 
+def checkpoint_state_dict(base_model, clip_state_dict: dict, vae_state_dict: dict) -> dict[str, torch.Tensor]:
+    """A whole checkpoint's tensors, keyed as the host saves them (`model.diffusion_model.`,
+    `cond_stage_model.`, `first_stage_model.` for SD1.x), from a host `BaseModel`.
+
+    The call moved between the supported hosts: up to 0.3.x `BaseModel.state_dict_for_saving(
+    clip, vae)` read its own UNet; later hosts take the UNet's state dict first
+    (`state_dict_for_saving(unet, clip, vae)`), and the old call silently saves the CLIP
+    weights in the UNet's place there. The signature says which one this host has.
+    """
+    import inspect
+
+    saving = base_model.state_dict_for_saving
+    if "unet_state_dict" in inspect.signature(saving).parameters:
+        state = saving(base_model.diffusion_model.state_dict(), clip_state_dict=clip_state_dict,
+                       vae_state_dict=vae_state_dict)
+    else:
+        state = saving(clip_state_dict=clip_state_dict, vae_state_dict=vae_state_dict)
+    unet_keys = sum(k.startswith("model.diffusion_model.") for k in state)
+    expected = len(base_model.diffusion_model.state_dict())
+    if unet_keys != expected:
+        raise RuntimeError(f"the host's state_dict_for_saving gave {unet_keys} UNet tensors, the model has {expected}: "
+                           "its signature changed again; update fmn_core.host.checkpoint_state_dict")
+    return state
+
+
 # --- patches ----------------------------------------------------------------------
 
 

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 import comfy.ldm.models.autoencoder
 import comfy.sd1_clip
 import comfy.supported_models
+from fmn_pack.fmn_core import host
 from host_models import SD15_UNET
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def build_state_dict(seed: int = SEED) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         _, model = _unet_and_config(generator)
-        state = model.state_dict_for_saving(_clip_state_dict(generator), _vae_state_dict(generator))
+        state = host.checkpoint_state_dict(model, _clip_state_dict(generator), _vae_state_dict(generator))
     return {k: v.to(torch.float16).contiguous() for k, v in state.items()}
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import HOST  # the ComfyUI tree the tests run against (FMN_COMFYUI)
+
 REPO = Path(__file__).resolve().parents[1]
-HOST = REPO / ".host" / "ComfyUI"
 RUNTIME = ["__init__.py", "nodes", "fmn_core", "toybench"]  # what ComfyUI imports when it loads the pack
 SEMVER = re.compile(r"^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
 RAW_GITHUB = re.compile(r"^https://raw\.githubusercontent\.com/[^/]+/[^/]+/[^/]+/(.+)$")
@@ -49,9 +50,21 @@ def test_requirements_ask_for_nothing_the_host_installs(project: dict) -> None:
     ours = requirement_names(REPO / "requirements.txt") | {re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0].lower()
                                                         for d in project["project"]["dependencies"]}
     host = requirement_names(HOST / "requirements.txt")
-    assert "torch" in host, "the host's requirements.txt was not found where set-up puts it"
+    assert "torch" in host, f"the host's requirements.txt was not found in {HOST}"
     assert not ours & host, f"the pack would re-pin host packages: {sorted(ours & host)}"
     assert not {name for name in ours if name.startswith("torch")}
+
+
+def test_the_host_under_test_is_in_the_declared_range(project: dict) -> None:
+    """`requires-comfyui` (what ComfyUI-Manager and the registry check) admits every host
+    the suite runs on, and its floor is the oldest one set-up builds (FMN_HOST=floor)."""
+    from packaging.specifiers import SpecifierSet
+
+    declared = SpecifierSet(project["tool"]["comfy"]["requires-comfyui"])
+    version = re.search(r'__version__\s*=\s*"([^"]+)"', (HOST / "comfyui_version.py").read_text()).group(1)
+    assert version in declared, f"ComfyUI {version} at {HOST} is outside requires-comfyui {declared}"
+    floor = re.search(r"floor\)\s+version=([\d.]+);", (REPO / "scripts" / "setup_host.sh").read_text()).group(1)
+    assert {s.operator for s in declared} == {">="} and [s.version for s in declared] == [floor], declared
 
 
 def test_no_eval_exec_or_runtime_installs() -> None:
