@@ -29,6 +29,10 @@ Figures (bench/README.md explains each one and how to read it):
 10. self_check_share: the in-run checks' seconds over the training steps' seconds in one
    default run run to its whole budget (target 0, so every check runs), on the small
    SD1.5-layout model at 512 px (the issue's bound: at most 0.10).
+11. host_speed: figure 1's training and sampling steps measured on both supported ComfyUI
+   cores (the newest and the floor, scripts/setup_host.sh builds both), each in a process
+   of its own host's venv, the two alternated in one run; per host the train step, the
+   sampling step and their ratio, and newest over floor for each.
 
 Machines are noisy (this one is shared), so every timing is the median of several
 repetitions after a warm-up, and compared quantities are measured interleaved in one run
@@ -836,12 +840,82 @@ def bench_training_memory(pack, cfg: dict) -> dict:
     }
 
 
+# --- figure 11: the pack's steps on both supported hosts ---------------------------------
+
+HOSTS = {  # what scripts/setup_host.sh builds (FMN_HOST): name -> (ComfyUI tree, the python that runs it)
+    "newest": (REPO / ".host" / "ComfyUI-0.30.0", REPO / ".venv-0.30.0" / "bin" / "python"),
+    "floor": (REPO / ".host" / "ComfyUI", REPO / ".venv" / "bin" / "python"),
+}
+HOST_SPEED_ROUNDS, HOST_SPEED_REPS = 2, 2  # per host: rounds (alternating hosts) x figure-1 reps per process
+
+
+def host_speed_probe(pack, cfg: dict) -> dict:
+    """One process's share of figure 11: figure 1's measurement on this process's host."""
+    fig, _ = bench_train_vs_sample(pack, cfg, reps=HOST_SPEED_REPS)
+    return {"comfyui_version": _host_version(), "reps": fig["reps"]}
+
+
+def bench_host_speed(pack, cfg: dict) -> dict:
+    """Figure 11: each host in a fresh process with its own venv, alternated, so both see the
+    same machine load; the ratios are built from all reps per host."""
+    missing = [f"{name} ({tree}, {python})" for name, (tree, python) in HOSTS.items()
+               if not (tree / "main.py").is_file() or not python.is_file()]
+    if missing:
+        raise RuntimeError(f"figure 11 needs both hosts; set up {', '.join(missing)} with "
+                           "`make HOST=floor setup` and `make HOST=newest setup`")
+    reps: dict[str, list] = {name: [] for name in HOSTS}
+    versions = {}
+    for round_ in range(HOST_SPEED_ROUNDS):
+        for name in (list(HOSTS) if round_ % 2 == 0 else list(reversed(HOSTS))):
+            tree, python = HOSTS[name]
+            args = [str(python), __file__, "--host-probe", "--threads", str(cfg["torch_threads"])]
+            done = subprocess.run(args, capture_output=True, text=True, check=False,
+                                  env={**os.environ, "FMN_COMFYUI": str(tree)})
+            if done.returncode:
+                raise RuntimeError(f"host probe on {name} failed:\n{done.stderr[-3000:]}")
+            probe = json.loads(done.stdout.strip().splitlines()[-1])
+            versions[name] = probe["comfyui_version"]
+            reps[name].extend(probe["reps"])
+            print(f"  host {name} (ComfyUI {versions[name]}) round {round_ + 1}: ratio "
+                  f"{med([r['ratio'] for r in probe['reps']]):.2f}", flush=True)
+    per_host = {}
+    for name, rows in reps.items():
+        per_host[name] = {
+            "comfyui_version": versions[name],
+            "ratio": r4(med([r["ratio"] for r in rows])),
+            "train_step_s": spread([r["train_step_s"] for r in rows]),
+            "sampling_step_s": spread([r["sampling_step_s"] for r in rows]),
+            "setup_s": spread([r["setup_s"] for r in rows]),
+            "reps": rows,
+        }
+    newest, floor = per_host["newest"], per_host["floor"]
+    return {
+        "value": {"newest_ratio": newest["ratio"], "floor_ratio": floor["ratio"],
+                  "newest_over_floor_ratio": r4(newest["ratio"] / floor["ratio"])},
+        "clock": TIMER["name"],
+        "what": ("figure 1 (one Forget Train step over one plain sampling step, small SD1.5-layout model, "
+                 f"{cfg['resolution']} px, default settings) on each supported ComfyUI core, and newest over floor "
+                 "for the train step, the sampling step and their ratio (bound: the newest's ratio no worse "
+                 "than the floor's)"),
+        "method": (f"{HOST_SPEED_ROUNDS} rounds; each round runs one fresh process per host (its venv's python, "
+                   f"FMN_COMFYUI at its tree, alternating which goes first), each measuring figure 1 with "
+                   f"{HOST_SPEED_REPS} reps after figure 1's warm-up; medians over all reps of a host"),
+        "newest_over_floor": {
+            "train_step": r4(newest["train_step_s"]["median"] / floor["train_step_s"]["median"]),
+            "sampling_step": r4(newest["sampling_step_s"]["median"] / floor["sampling_step_s"]["median"]),
+            "ratio": r4(newest["ratio"] / floor["ratio"]),
+        },
+        "per_host": per_host,
+    }
+
+
 ONLY = {  # figures 4, 7, 8 and 9, also measurable alone with --only NAME: (results key, measure(pack, cfg))
     "sd15-512": ("seconds_per_concept_sd15_512", lambda pack, cfg: full_size_figure(pack, cfg, "SD1.5")),
     "memory": ("training_memory", bench_training_memory),
     "sdxl": ("sdxl_train_step_over_sampling_step", lambda pack, cfg: bench_train_vs_sample(pack, cfg, "SDXL", reps=3)[0]),
     "sdxl-1024": ("seconds_per_concept_sdxl_1024", lambda pack, cfg: full_size_figure(pack, cfg, "SDXL")),
     "self-check": ("self_check_share", bench_self_check_share),
+    "hosts": ("host_speed", bench_host_speed),
 }
 
 
@@ -904,8 +978,10 @@ def main() -> int:
                         help="torch threads on a CPU-only machine (default 1: timings use process CPU time)")
     parser.add_argument("--wall", action="store_true", help="use wall-clock time on a CPU-only machine too")
     parser.add_argument("--memory-probe", metavar="JSON", help=argparse.SUPPRESS)  # figure 7's child process
+    parser.add_argument("--host-probe", action="store_true", help=argparse.SUPPRESS)  # figure 11's child process
     parser.add_argument("--only", choices=sorted(ONLY),
-                        help="measure one figure alone (4: sd15-512, 7: memory, 8: sdxl, 9: sdxl-1024, 10: self-check) "
+                        help="measure one figure alone (4: sd15-512, 7: memory, 8: sdxl, 9: sdxl-1024, 10: self-check, "
+                             "11: hosts) "
                              "and put it into the existing --out")
     parser.add_argument("--smoke-full-size", choices=sorted(FULL_SIZE),
                         help="run figure 4's (SD1.5) or 9's (SDXL) code small and short even without CUDA "
@@ -957,6 +1033,9 @@ def main() -> int:
         "small_model": "tests/host_models.sd15_model(seed=0) (SD1.5 layout, model_channels 32, context 768, ~10 M params) + sd1_clip(seed=1, 2 layers)",
         "warm_up": "one sampling pass and one 1-step forget() before figure 1; one sample per patch count before figure 2",
     }
+    if args.host_probe:
+        print(json.dumps(host_speed_probe(pack, cfg)))
+        return 0
     if args.only:
         key, measure = ONLY[args.only]
         results = json.loads(args.out.read_text())
@@ -986,7 +1065,7 @@ def main() -> int:
     t = time.perf_counter()
     results["sampling_with_capture"] = bench_capture_vs_sample(pack, cfg)
     seconds["sampling_with_capture"] = time.perf_counter() - t
-    for key, measure in ONLY.values():  # figures 4, 7, 8, 9 and 10
+    for key, measure in ONLY.values():  # figures 4, 7, 8, 9, 10 and 11
         t = time.perf_counter()
         results[key] = measure(pack, cfg)
         seconds[key] = time.perf_counter() - t
@@ -1034,6 +1113,9 @@ def print_summary(results: dict) -> None:
     print_full_size(9, "SDXL 1024 px", results["seconds_per_concept_sdxl_1024"])
     f10 = results["self_check_share"]
     print(f"  10. in-run checks / training steps: {f10['value']}x (bound {f10['bound']})")
+    f11 = results["host_speed"]
+    print(f"  11. train step / sampling step per host: newest {f11['value']['newest_ratio']}x, floor "
+          f"{f11['value']['floor_ratio']}x (newest over floor: {f11['newest_over_floor']})")
 
 
 def print_full_size(number: int, what: str, figure: dict) -> None:
