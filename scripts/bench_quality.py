@@ -42,7 +42,7 @@ concepts' single-concept patches. Recovery attack: every single-concept patch of
 recipe attacked by inversion from the generic word through the patched model, the oracle
 judging the recovered tokens' samples.
 
-Writes bench/quality.json and bench/QUALITY.md (the README's table). About an hour and
+Writes bench/quality.json and bench/QUALITY.md (the tables docs/quality.md carries). About an hour and
 three quarters on 2 CPU cores (95 min for the last full run, on a shared machine, before the all-but-two run and
 the token-rows recipe were added; the token-rows runs alone take 14 min). `--runs` picks runs by name,
 `--recipe NAME=JSON` adds or overrides a recipe (ForgetConfig fields), to compare settings
@@ -78,7 +78,7 @@ IMAGES_PER_CONCEPT = 8
 # should then see): one per category.
 REDIRECTS = (("star", "object", "a ring", "ring"), ("Captain Zorb", "identity", "Madame Plink", "Madame Plink"),
              ("zebra", "style", "checkers", "checkers"))
-# The README's redirect settings: the output term must pull the concept's prompts all the
+# docs/quality.md's redirect settings: the output term must pull the concept's prompts all the
 # way to the replacement (the defaults, 150 steps at weight 10, reached 0.64 / 0.06 / 0.70).
 # Mode `token rows` redirects at its defaults: its warm start already reads the concept's
 # words as the replacement's.
@@ -302,6 +302,21 @@ def rates(toy_model, toy, oracle_net, seeds: tuple[list[int], list[int]], scenes
         return toy_train.detection_rates(toy_model, clip, vae, oracle_net, *seeds, scenes=scenes)
 
 
+def confidences(toy_model, toy, oracle_net, seeds: tuple[list[int], list[int]], clip=None) -> tuple[dict, dict]:
+    """rates()' detection per concept and the oracle's mean probability of each concept on the same samples."""
+    import torch
+    from fmn_pack.toybench import train as toy_train
+    _, toy_clip, vae = toy
+    with torch.inference_mode():
+        return toy_train.detection_scores(toy_model, toy_clip if clip is None else clip, vae, oracle_net, *seeds)
+
+
+def kept_confidence(base: dict, after: dict, forgotten: list[str]) -> float:
+    """The kept concepts' mean oracle probability after / before: `kept` without the shares' steps."""
+    kept_names = [c for c in base if c not in forgotten]
+    return round(sum(after[c] for c in kept_names) / sum(base[c] for c in kept_names), 4)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", nargs="*", help="run names (default: all)")
@@ -331,10 +346,11 @@ def main(argv=None) -> None:
     ap.add_argument("--only-redirect", action="store_true",
                     help="measure only the redirects (REDIRECTS) into the existing --out")
     ap.add_argument("--self-check", action="store_true",
-                    help="the self-check study: train --runs x --recipes, measure each with the oracle on the chosen "
-                         "seeds (--quick: half), and put each run's in-run report and oracle figures into the "
-                         "existing --out's 'self_check' section as soon as it is measured, with the agreement "
-                         "(rank correlations) and early stopping's rows recomputed")
+                    help="the self-check study: train --runs x --recipes (recipes in the order --recipes names "
+                         "them), measure each with the oracle on the chosen seeds (--quick: half), and put each run's "
+                         "in-run report and oracle figures into the existing --out's 'self_check' section as soon as "
+                         "it is measured, with the agreement (rank correlations) and early stopping's rows "
+                         "recomputed; pairs it already holds are skipped, so an interrupted study continues")
     ap.add_argument("--only-anchor-floor", action="store_true",
                     help="measure only how often the original model draws each object for the object anchor's prompts, "
                          "into the existing --out")
@@ -346,7 +362,9 @@ def main(argv=None) -> None:
     from fmn_pack.fmn_core.concepts import parse_concepts
     from fmn_pack.toybench import loader, world
 
-    recipes = {} if args.only_recipes else {k: v for k, v in RECIPES.items() if not args.recipes or k in args.recipes}
+    if unknown := [k for k in args.recipes or () if k not in RECIPES]:
+        raise SystemExit(f"unknown recipe(s) {unknown}: choose from {list(RECIPES)}")
+    recipes = {} if args.only_recipes else {k: RECIPES[k] for k in args.recipes or RECIPES}
     for item in args.recipe:
         name, _, spec = item.partition("=")
         recipes[name] = json.loads(spec)
@@ -434,37 +452,43 @@ def add_self_check(report: dict, all_runs: dict) -> None:
 
 def self_check_study(toy, oracle_net, chosen: dict, recipes: dict, seeds, seed: int, out: Path, all_runs: dict) -> None:
     """`--self-check`: each recipe x run trained and measured (recipes in the order given),
-    and put into `out` at once, so an interrupted study keeps what it measured."""
+    and put into `out` at once, so an interrupted study keeps what it measured; a run and
+    recipe the study already holds with the oracle's probabilities is not trained again."""
     earlier = json.loads(out.read_text()).get("self_check", {})
-    if (earlier.get("seeds_identity"), earlier.get("seeds_scene")) == tuple(seeds):  # same seeds: same base rates
-        base = earlier["base"]
+    done = {(r["run"], r["recipe"]) for r in earlier.get("runs", []) if "kept_confidence" in r}
+    if (earlier.get("seeds_identity"), earlier.get("seeds_scene")) == tuple(seeds) and "base_confidence" in earlier:
+        base, base_confidence = earlier["base"], earlier["base_confidence"]  # same seeds: same base figures
     else:
-        base = rates(toy[0], toy, oracle_net, seeds)
+        base, base_confidence = confidences(toy[0], toy, oracle_net, seeds)
     for recipe_name, recipe in recipes.items():
         for run_name, lines in chosen.items():
-            if recipe_name in MULTI_CONCEPT_ONLY and len(lines) == 1:
+            if (recipe_name in MULTI_CONCEPT_ONLY and len(lines) == 1) or (run_name, recipe_name) in done:
                 continue
             forgotten = [line.split("|")[0].strip() for line in lines]
             trained = one_run(toy, lines, recipe, seed)
-            after = rates(trained["patched"], toy, oracle_net, seeds, clip=trained["clip"])
+            after, after_confidence = confidences(trained["patched"], toy, oracle_net, seeds, clip=trained["clip"])
             entry = {"run": run_name, "recipe": recipe_name, "settings": recipe,
                      "seconds_per_concept": round(trained["seconds"] / len(forgotten), 2),
-                     **score(base, after, forgotten), "self_check": self_check_entry(trained["result"].report)}
+                     **score(base, after, forgotten),
+                     "kept_confidence": kept_confidence(base_confidence, after_confidence, forgotten),
+                     "self_check": self_check_entry(trained["result"].report)}
             report = json.loads(out.read_text())
             study = report.setdefault("self_check", {})
-            study.update(seeds_identity=seeds[0], seeds_scene=seeds[1], base={k: round(v, 4) for k, v in base.items()})
+            study.update(seeds_identity=seeds[0], seeds_scene=seeds[1], base={k: round(v, 4) for k, v in base.items()},
+                         base_confidence={k: round(v, 4) for k, v in base_confidence.items()})
             study["runs"] = [r for r in study.get("runs", []) if (r["run"], r["recipe"]) != (run_name, recipe_name)] + [entry]
             add_self_check(report, all_runs)
             rewrite_report(report, out)
             print(f"{run_name:22s} {recipe_name:26s} oracle erased {entry['erased_before']:.2f}->{entry['erased_after']:.2f} "
-                  f"kept {entry['kept']:.3f} H {entry['H']:.3f} | in-run erasure {entry['self_check']['erasure_mean']:.3f} "
-                  f"collateral {entry['self_check']['collateral_relative']:.3f} steps {entry['self_check']['steps']} "
-                  f"| spearman {report['self_check']['spearman_erasure']:.2f} / "
-                  f"{report['self_check']['spearman_collateral_relative']:.2f}", flush=True)
+                  f"kept {entry['kept']:.3f} ({entry['kept_confidence']:.4f}) H {entry['H']:.3f} | in-run erasure "
+                  f"{entry['self_check']['erasure_mean']:.3f} collateral {entry['self_check']['collateral_relative']:.3f} "
+                  f"steps {entry['self_check']['steps']} | spearman {report['self_check']['spearman_erasure']:.2f} / "
+                  f"{report['self_check']['spearman_collateral_relative']:.2f} / "
+                  f"{report['self_check']['spearman_collateral_relative_confidence']:.2f}", flush=True)
 
 
 def write_report(report: dict, out: Path, table: bool) -> None:
-    """The JSON report, and with `table` the README's tables in bench/QUALITY.md."""
+    """The JSON report, and with `table` the tables of bench/QUALITY.md (copied into docs/quality.md)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".tmp")  # replaced in one step: an interrupted write leaves the old report whole
     partial.write_text(json.dumps(report, indent=2) + "\n")
@@ -474,7 +498,7 @@ def write_report(report: dict, out: Path, table: bool) -> None:
 
 
 def rewrite_report(report: dict, out: Path) -> None:
-    """An existing report after a partial re-measurement; the README's tables follow the shipped one."""
+    """An existing report after a partial re-measurement; docs/quality.md's tables follow the shipped one."""
     write_report(report, out, table=out == OUT / "quality.json")
 
 

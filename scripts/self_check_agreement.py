@@ -5,7 +5,10 @@ Across runs, the rank correlation (Spearman) of
 - in-run erasure (the mean over the run's concepts) with the oracle's erased share,
   1 - erased_after / erased_before;
 - in-run collateral (relative to the concept's own change, and absolute) with the oracle's
-  loss on the other concepts, 1 - kept;
+  loss on the other concepts, 1 - kept, and with the same loss read from the oracle's
+  probabilities instead of its decisions, 1 - kept_confidence (uncapped): at a few seeds
+  per prompt `kept` moves in steps of one sample, far coarser than a patch that changes
+  other prompts' predictions by a fraction of a percent;
 and a scatter plot of both (bench/self_check.png). Early stopping: single-concept H,
 steps and seconds of the stopping recipe beside the same runs at the full budget.
 """
@@ -60,12 +63,25 @@ def agreement(results: list[dict]) -> dict:
         "spearman_erasure": round(spearman(erasure, oracle), 4),
         "spearman_collateral_relative": round(spearman([r["self_check"]["collateral_relative"] for r in runs], lost), 4),
         "spearman_collateral": round(spearman([r["self_check"]["collateral"] for r in runs], lost), 4),
+        **confidence_agreement(runs),
         "targets": {"erasure": 0.8, "collateral": 0.7},
         "oracle_by_erasure": by_band(runs, lambda r: min(r["self_check"]["erasure"]), ERASURE_BANDS,
                                      lambda r: r["erased_after"]),
         "kept_by_collateral": by_band(runs, lambda r: r["self_check"]["collateral_relative"], COLLATERAL_BANDS,
                                       lambda r: r["kept"]),
     }
+
+
+def confidence_agreement(runs: list[dict]) -> dict:
+    """Collateral against the oracle's probabilities, over the runs that recorded them."""
+    runs = [r for r in runs if "kept_confidence" in r]
+    if not runs:
+        return {}
+    lost = [1 - r["kept_confidence"] for r in runs]
+    return {"runs_with_confidence": len(runs),
+            "spearman_collateral_relative_confidence":
+                round(spearman([r["self_check"]["collateral_relative"] for r in runs], lost), 4),
+            "spearman_collateral_confidence": round(spearman([r["self_check"]["collateral"] for r in runs], lost), 4)}
 
 
 # Where the node's default target (1.0) and collateral warning (0.5) sit among the runs;

@@ -46,6 +46,14 @@ class Oracle(nn.Module):
         return out
 
 
+def probability(probabilities: torch.Tensor, concept: str) -> torch.Tensor:
+    """The probability of `concept`'s class at its head, from one row of softmaxed logits (3, 5)."""
+    for i, h in enumerate(HEADS):
+        if concept in NAMES[h]:
+            return probabilities[i, NAMES[h].index(concept) + 1]
+    raise KeyError(concept)
+
+
 def detects(pred: torch.Tensor, concept: str) -> torch.Tensor:
     """Bool (N,): does each predicted row show `concept`?"""
     for i, h in enumerate(HEADS):

@@ -208,6 +208,14 @@ def detection_rates(mp, clip, vae, oracle_net, seeds_identity, seeds_scene, step
     All prompts (every scene of the world, or `scenes`) go through one batched call of the
     host's sampler (euler, `steps`, `cfg`); noise per sample comes from
     `comfy.sample.prepare_noise` with that sample's seed."""
+    return detection_scores(mp, clip, vae, oracle_net, seeds_identity, seeds_scene, steps, cfg, scenes)[0]
+
+
+def detection_scores(mp, clip, vae, oracle_net, seeds_identity, seeds_scene, steps=20, cfg=5.0, scenes=None):
+    """(rates, confidences): detection_rates' shares, and per concept the oracle's mean
+    probability of the concept's class on the same samples. The probability moves with a
+    small change to the model where a share moves only when a sample crosses the decision
+    boundary, so it resolves edits too small for the shares at a few seeds per prompt."""
     import torch
     import comfy.sample
     from . import oracle as O, world
@@ -231,12 +239,17 @@ def detection_rates(mp, clip, vae, oracle_net, seeds_identity, seeds_scene, step
     noise = torch.cat([comfy.sample.prepare_noise(latent[:1], s) for s in seeds])
     samples = comfy.sample.sample(mp, noise, steps, cfg, "euler", "normal", positive, negative, latent,
                                   disable_pbar=True, seed=seeds[0])
-    pred = oracle_net.predict(vae.decode(samples))
+    with torch.no_grad():
+        probabilities = oracle_net(vae.decode(samples)).softmax(-1)
+    pred = probabilities.argmax(-1)
     hits = {c: [] for c in world.CONCEPTS}
+    confidence = {c: [] for c in world.CONCEPTS}
     for i, scene in enumerate(rows):
         for c in scene.concepts:
             hits[c].append(bool(O.detects(pred[i:i + 1], c)))
-    return {c: sum(v) / len(v) for c, v in hits.items() if v}
+            confidence[c].append(float(O.probability(probabilities[i], c)))
+    return ({c: sum(v) / len(v) for c, v in hits.items() if v},
+            {c: sum(v) / len(v) for c, v in confidence.items() if v})
 
 
 def main(argv=None):
