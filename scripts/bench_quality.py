@@ -311,11 +311,6 @@ def confidences(toy_model, toy, oracle_net, seeds: tuple[list[int], list[int]], 
         return toy_train.detection_scores(toy_model, toy_clip if clip is None else clip, vae, oracle_net, *seeds)
 
 
-def kept_confidence(base: dict, after: dict, forgotten: list[str]) -> float:
-    """The kept concepts' mean oracle probability after / before: `kept` without the shares' steps."""
-    kept_names = [c for c in base if c not in forgotten]
-    return round(sum(after[c] for c in kept_names) / sum(base[c] for c in kept_names), 4)
-
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -470,7 +465,8 @@ def self_check_study(toy, oracle_net, chosen: dict, recipes: dict, seeds, seed: 
             entry = {"run": run_name, "recipe": recipe_name, "settings": recipe,
                      "seconds_per_concept": round(trained["seconds"] / len(forgotten), 2),
                      **score(base, after, forgotten),
-                     "kept_confidence": kept_confidence(base_confidence, after_confidence, forgotten),
+                     # score()'s kept read from the probabilities: without the decisions' steps of one sample
+                     "kept_confidence": score(base_confidence, after_confidence, forgotten)["kept"],
                      "self_check": self_check_entry(trained["result"].report)}
             report = json.loads(out.read_text())
             study = report.setdefault("self_check", {})
