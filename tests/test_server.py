@@ -363,33 +363,11 @@ def test_an_old_workflow_naming_a_benchmark_recipe_still_runs_it(server: ComfySe
     set_inputs(prompt, "FMN_ForgetTrain", mode="aimed k", steps=2)
     set_inputs(prompt, "FMN_SaveForgetPatch", filename="fmn_test_old_aimed_k")
     set_inputs(prompt, "EmptyLatentImage", batch_size=1)
+    set_inputs(prompt, "KSampler", steps=1)
     server.run_prompt(prompt, PROMPT_TIMEOUT_S)
     with safe_open(str(server.patches_dir / "fmn_test_old_aimed_k.safetensors"), framework="pt") as f:
         metadata = f.metadata()
     assert metadata["fmn.mode"] == "aimed k" and json.loads(metadata["fmn.self_check"])["steps"] == 2
-
-
-def test_an_unknown_mode_is_refused_by_validation(server: ComfyServer, object_info: dict) -> None:
-    prompt = ui_to_api(json.loads((OLD_WORKFLOWS / "toybench_forget.json").read_text()), object_info)
-    set_inputs(prompt, "FMN_ForgetTrain", mode="aimed q")
-    with pytest.raises(Exception, match="unknown mode 'aimed q'"):
-        server.run_prompt(prompt, PROMPT_TIMEOUT_S)
-
-
-def test_the_simple_node_runs_on_the_server(server: ComfyServer, object_info: dict) -> None:
-    """The simple node as a user queues it, on the ToyBench model (its 512 px default noise)."""
-    prompt = {"1": {"class_type": "FMN_LoadToyBench", "inputs": {}},
-              "2": {"class_type": "FMN_ForgetTrainSimple",
-                    "inputs": {"model": ["1", 0], "clip": ["1", 1], "concepts": "moon | object", "steps": 2, "seed": 3,
-                               "keep": "star"}},
-              "3": {"class_type": "FMN_SaveForgetPatch",
-                    "inputs": {"patch": ["2", 1], "filename": "fmn_test_simple", "overwrite": True}}}
-    entry = server.run_prompt(prompt, PROMPT_TIMEOUT_S)
-    assert entry["outputs"]["2"]["fmn_report"][0]["verdict"].startswith("erased ")
-    with safe_open(str(server.patches_dir / "fmn_test_simple.safetensors"), framework="pt") as f:
-        metadata = f.metadata()
-    assert metadata["fmn.mode"] == "aimed k/v" and json.loads(metadata["fmn.keep"]) == ["star"]
-    assert metadata["fmn.steps"] == "2" and metadata["fmn.seed"] == "3"
 
 
 def test_toybench_workflow_forgets_captain_zorb(server: ComfyServer, object_info: dict) -> None:
