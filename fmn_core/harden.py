@@ -39,7 +39,7 @@ from .lora import LowRankDelta, disabled, export_kohya
 from .merge import concepts_of
 from .patch import HARDEN_MODE, ForgetPatch, apply_patch, kohya_named, model_card
 from .text_encoder import TextEncoders
-from .train import check_finite_tensors
+from .loss import check_finite_tensors
 
 # The word each category's inversion starts from: a generic one, so nothing of the
 # concept's own words helps (FMN_RecoveryAttack's advice to its users).

@@ -29,7 +29,7 @@ import torch
 from . import aim, check_report, host
 from .concepts import ANCHORS, TEMPLATES, Concept, keep_prompts
 from .patch import HARDEN_MODE, ForgetPatch, kohya_named, model_card, structure_problems
-from .train import anchor_moment, build_examples, preserve_moment
+from .examples import anchor_moment, build_examples, preserve_moment
 
 TEXT_PROJECTIONS = ("attn2_to_k", "attn2_to_v")
 # A custom template is not stored in the patch; its concept is fitted in these instead.

@@ -4,9 +4,10 @@ An update of the UNet's cross-attention projections is linear in the text contex
 moves every word's keys a little (docs/method.md). The rows of the token-embedding
 table that the concept's words look up are read by no other prompt: editing them leaves
 every prompt without those words exactly as it was, bit for bit. The rows train with
-re-steering's own loss (`train.step_loss`: the attention on the concept's columns plus
+re-steering's own loss (`loss.step_loss`: the attention on the concept's columns plus
 the output term with negative guidance), through the differentiable copy of the encoder
-that Concept Inversion uses (`text_encoder.py`), the UNet frozen. With `warm_start` the
+that Concept Inversion uses (`text_encoder.py`), the UNet frozen; `modes/token_rows.py` is
+the mode that trains them. With `warm_start` the
 rows start as the anchor's words ("a person", "an object"; Concept Inversion's
 `initial_rows` fits them to the concept's token count).
 
@@ -26,27 +27,16 @@ learned embedding (the recovery attack) still reach it.
 """
 from __future__ import annotations
 
-import logging
-from dataclasses import replace
-
 import torch
 
-import contextlib
-import time
-
-from . import check_report, checks, host
-from .attention import ColumnEnergy, Routed, make_attn2_replace
+from . import checks, host
 from .concepts import Concept
-from .inversion import Prompts, initial_rows, word_rows
-from .latents import noisy
+from .inversion import Prompts
+from .latents import LatentSource, noisy
 from .lora import token_table_name
-from .memory import Precision, checkpointed
+from .loss import Sample
 from .text_encoder import TextEncoders
 from .tokens import SpecialTokens, column_mask, content_tokens
-from .train import (ForgetConfig, ForgetResult, LatentSource, Sample, check_finite, check_finite_tensors, describe,
-                    step_loss)
-
-log = logging.getLogger(__name__)
 
 OUTPUT_SCALE = 100.0  # the output term's weight here, in units of `output_weight` (module docstring)
 
@@ -144,70 +134,7 @@ class ConceptPrompts:
         return column_mask(columns, length)[None]
 
 
-def forget_token_rows(patcher, clip, concepts: list[Concept], config: ForgetConfig,
-                      latents: dict[int, torch.Tensor] | None = None, progress=None) -> ForgetResult:
-    """Train the concepts' word rows and return a patch whose LoRA edits only the text
-    encoder; `patcher` and `clip` are untouched."""
-    generator = torch.Generator().manual_seed(config.seed)
-    device = host.device()
-    channels = patcher.model.diffusion_model.in_channels
-    size = config.resolution // 8
-    source = LatentSource({k: v.float() for k, v in (latents or {}).items()}, (channels, size, size))
-    sampling = host.model_sampling(patcher)
-    layers = host.attn2_layers(patcher)
-    stuff = checks.material(clip, concepts, config.keep, sampling, (channels, size, size), latents)
-    losses: list[float] = []
-    with torch.inference_mode(False):
-        encoder = TextEncoders(host.text_encoder_specs(clip))
-        per_concept = [word_ids(clip, c) for c in concepts]
-        check_keep(clip, concepts, per_concept, config.keep)
-        edit = RowEdit(encoder, sorted({t for ids in per_concept for t in ids}))
-        prompts = [ConceptPrompts(clip, c, ids, config.include_end_token, encoder, edit)
-                   for c, ids in zip(concepts, per_concept)]
-        if config.warm_start:
-            for concept, ids in zip(concepts, per_concept):
-                if concept.anchor.strip():
-                    edit.start_from(ids, initial_rows(word_rows(encoder, clip, concept.anchor), len(ids)))
-        optimizer = torch.optim.AdamW([edit.change], lr=config.learning_rate, weight_decay=config.weight_decay)
-        sink = ColumnEnergy()
-        route = Routed(sink)
-        clone = patcher.clone()
-        host.register_attn2(clone, layers, lambda layer, previous: make_attn2_replace(layer.module, route, previous))
-        precision = Precision(config.precision, device)
-        blocks = host.unet_blocks(clone) if config.gradient_checkpointing else []
-        with host.trainable_unet(clone, {}) as unet, checkpointed(blocks, sink.recomputing):
-            checker = checks.SelfCheck(stuff, unet, contextlib.nullcontext, route, config.target, config.steps,
-                                       config.check_every, _held_out_contexts(clip, concepts, per_concept, edit, encoder))
-            started, done = time.perf_counter(), 0
-            for step in range(config.steps):
-                batch = []
-                for b in range(config.batch_size):
-                    index = (step * config.batch_size + b) % len(concepts)
-                    batch.append(_sample(prompts[index], index, edit, encoder, source, sampling, generator))
-                with precision.autocast():
-                    loss = step_loss(unet, sink, batch, {}, OUTPUT_SCALE * config.output_weight, config.negative_guidance,
-                                     device)
-                optimizer.zero_grad(set_to_none=True)
-                precision.backward(loss)
-                grad_norm = precision.unscale_and_clip(optimizer, [edit.change], config.max_grad_norm)
-                check_finite(step, loss, grad_norm, precision.scaling)
-                precision.step(optimizer)
-                losses.append(float(loss.detach()))
-                if progress is not None:
-                    progress.step()
-                done = step + 1
-                if checker.due(done) and checker.check(done):
-                    break
-            report = checker.finish(done, time.perf_counter() - started)
-        lora = edit.export(encoder)
-    check_finite_tensors(lora)
-    log.info("Forget-Me-Not (token rows): %d of %d steps, loss %.4f -> %.4f; %s", report.steps, config.steps,
-             losses[0], losses[-1], check_report.verdict(report))
-    metadata = describe(patcher, layers, concepts, replace(config, steps=report.steps), len(edit.ids), losses, report)
-    return ForgetResult(lora, metadata, losses, report)
-
-
-def _held_out_contexts(clip, concepts: list[Concept], per_concept: list[list[int]], edit: RowEdit,
+def held_out_contexts(clip, concepts: list[Concept], per_concept: list[list[int]], edit: RowEdit,
                        encoder: TextEncoders) -> checks.PatchedContext:
     """The checks' held-out concept prompts as the edited encoder reads them: the
     concept's rows, edited, in each check template's gap."""
@@ -219,7 +146,7 @@ def _held_out_contexts(clip, concepts: list[Concept], per_concept: list[list[int
     return context
 
 
-def _sample(prompts: ConceptPrompts, concept: int, edit: RowEdit, encoder: TextEncoders, source: LatentSource,
+def sample(prompts: ConceptPrompts, concept: int, edit: RowEdit, encoder: TextEncoders, source: LatentSource,
             sampling, generator: torch.Generator) -> Sample:
     """One training sample: a random template of the concept, encoded with the edited rows
     (the student's context, differentiable), beside the teacher's contexts."""

@@ -4,6 +4,7 @@ Node ids are part of the public workflow format: never rename them.
 """
 from .attention_maps import AttentionMapViewer
 from .forget_train import ForgetTrain
+from .forget_train_simple import ForgetTrainSimple
 from .harden import HardenForgetPatch
 from .inversion import ConceptInversion
 from .mscore import MScore
@@ -12,7 +13,8 @@ from .recovery import RecoveryAttack
 from .toybench import LoadToyBench
 
 NODES = (
-    ("FMN_ForgetTrain", ForgetTrain, "Forget Train"),
+    ("FMN_ForgetTrainSimple", ForgetTrainSimple, "Forget Train"),
+    ("FMN_ForgetTrain", ForgetTrain, "Forget Train (Advanced)"),
     ("FMN_ApplyForgetPatch", ApplyForgetPatch, "Apply Forget Patch"),
     ("FMN_LoadForgetPatch", LoadForgetPatch, "Load Forget Patch"),
     ("FMN_SaveForgetPatch", SaveForgetPatch, "Save Forget Patch"),

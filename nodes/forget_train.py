@@ -1,4 +1,12 @@
-"""FMN_ForgetTrain: attention re-steering from a list of concepts to a patched MODEL."""
+"""FMN_ForgetTrain, shown as "Forget Train (Advanced)": attention re-steering from a list of
+concepts to a patched MODEL, with every knob. The simple "Forget Train" node
+(`forget_train_simple.py`) runs the same training at these defaults.
+
+Mode list: the nodes offer the modes meant for use (`modes.USER_MODES`). The benchmark's
+recipes ('aimed k', 'k/v', 'all attn2', 'reference') are not listed, but a workflow saved
+when they were, or a prompt sent through the API, that names one still validates and runs
+it: the node checks `mode` itself (VALIDATE_INPUTS takes every input, so the host's own
+combo check is off) against every registered mode."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +17,7 @@ from ..fmn_core.loss_plot import loss_plot
 from ..fmn_core.report_plot import report_image
 from ..fmn_core.patch import ForgetPatch, apply_patch_with_clip
 from ..fmn_core.token_rows import OUTPUT_SCALE
-from ..fmn_core.train import MAX_TARGET, MODES, ForgetConfig, forget, latents_for_concepts
+from ..fmn_core.train import MAX_TARGET, MODES, USER_MODES, ForgetConfig, forget, latents_for_concepts
 from .memory_inputs import memory_inputs
 from .checkpoint_inputs import NO_RESUME, checkpoints, resume_input, resume_path, save_every_input
 from .patches import FOLDER
@@ -43,7 +51,8 @@ TARGET_TOOLTIP = ("Stop once the run's own check says every concept is erased th
                   "prediction has moved this share of the way from the original's to the anchor prompt's (1 = all the "
                   "way; negative guidance aims past it). Checked every "
                   f"{DEFAULTS.check_every} steps, so steps is a budget. 0 = always run every step (still measured).")
-MODE_TOOLTIP = "Which weights train. " + "; ".join(f"'{name}': {mode.description}" for name, mode in MODES.items()) + "."
+MODE_TOOLTIP = ("Which weights train. " + "; ".join(f"'{name}': {MODES[name].description}" for name in USER_MODES)
+                + ". (A workflow that names one of the benchmark's recipes still runs it.)")
 
 
 class ForgetTrain:
@@ -84,7 +93,7 @@ class ForgetTrain:
                 "images": ("IMAGE", {"tooltip": "Images of the concepts (encoded with the VAE). Without images, pure noise is used as in the paper."}),
                 "vae": ("VAE", {"tooltip": "Encodes the images; needed when images are connected."}),
                 "latent": ("LATENT", {"tooltip": "Already encoded concept latents, instead of images."}),
-                "mode": (list(MODES), {"default": DEFAULTS.mode, "tooltip": MODE_TOOLTIP}),
+                "mode": (list(USER_MODES), {"default": DEFAULTS.mode, "tooltip": MODE_TOOLTIP}),
                 "include_end_token": ("BOOLEAN", {"default": DEFAULTS.include_end_token,
                                                   "tooltip": "Also lower attention on the prompt's end token, which summarises the whole prompt."}),
                 "batch_size": ("INT", {"default": DEFAULTS.batch_size, "min": 1, "max": 64, "tooltip": "Samples per training step."}),
@@ -110,7 +119,9 @@ class ForgetTrain:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, concepts=None, keep="", **_):
+    def VALIDATE_INPUTS(cls, concepts=None, keep="", mode=DEFAULTS.mode, **_):
+        if isinstance(mode, str) and mode not in MODES:
+            return f"unknown mode {mode!r}: use one of {', '.join(USER_MODES)}"
         if isinstance(concepts, str):
             try:
                 parse_keep(keep if isinstance(keep, str) else "", parse_concepts(concepts))

@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from comfy_server import WORKFLOWS, running_server  # noqa: E402
-from workflow_api import node_ids, nodes_of, set_inputs, ui_to_api  # noqa: E402
+from workflow_api import node_ids, nodes_of, set_inputs, ui_to_api, with_advanced_train  # noqa: E402
 
 OUT = REPO / "out" / "demo"
 BATCH = 8
@@ -79,7 +79,7 @@ def save_grid(rows: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def forget_one(server, object_info: dict, concept: str, category: str, text: str) -> dict:
-    prompt = toy_prompt("forget_concept.json", object_info)
+    prompt = with_advanced_train(toy_prompt("forget_concept.json", object_info))  # to set resolution
     filename = "toy_" + concept.lower().replace(" ", "_")
     set_inputs(prompt, "FMN_ForgetTrain", concepts=f"{concept} | {category}", resolution=SIZE)
     set_inputs(prompt, "FMN_SaveForgetPatch", filename=filename, overwrite=True)

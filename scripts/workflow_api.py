@@ -156,3 +156,17 @@ def set_inputs(prompt: dict[str, dict], class_type: str, **values: Any) -> None:
         if unknown:
             raise KeyError(f"{class_type} has no widget inputs {sorted(unknown)}")
         node["inputs"].update(values)
+
+
+SIMPLE_TRAIN, ADVANCED_TRAIN = "FMN_ForgetTrainSimple", "FMN_ForgetTrain"
+
+
+def with_advanced_train(prompt: dict[str, dict]) -> dict[str, dict]:
+    """Every simple Forget Train of an API prompt as Forget Train (Advanced) with the same
+    inputs. The advanced node takes the same names and fills the rest in with the defaults
+    the simple node trains with, so the run is the same until a caller sets an advanced
+    knob (a test or the demo shrinking `resolution` to its small model)."""
+    for node in prompt.values():
+        if node["class_type"] == SIMPLE_TRAIN:
+            node["class_type"] = ADVANCED_TRAIN
+    return prompt

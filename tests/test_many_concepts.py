@@ -1,10 +1,11 @@
 """Many concepts in one run: ColumnAdamW steps only the columns of the concepts a batch
 holds (fmn_core/optim.py says why), and in large runs each concept's directions avoid the
-other concepts' rows (train.OTHER_CONCEPTS_FROM)."""
+other concepts' rows (modes/aimed.py, OTHER_CONCEPTS_FROM)."""
 import pytest
 import torch
 
-from fmn_pack.fmn_core import aim, train
+from fmn_pack.fmn_core import aim
+from fmn_pack.fmn_core.modes import aimed
 from fmn_pack.fmn_core.concepts import parse_concepts
 from fmn_pack.fmn_core.optim import ColumnAdamW
 from fmn_pack.fmn_core.train import Example, ForgetConfig, concept_basis, forget
@@ -89,11 +90,11 @@ def _leak(examples: list[Example], basis: torch.Tensor, owners: torch.Tensor, n:
 
 def test_in_a_large_run_each_concepts_directions_avoid_the_others_rows(monkeypatch):
     """Measured: 0.002 avoiding the others, 0.60 not."""
-    n = train.OTHER_CONCEPTS_FROM
+    n = aimed.OTHER_CONCEPTS_FROM
     examples, preserve = _family(n)
     basis, owners = concept_basis(examples, preserve, n, 1)  # one direction each: what the rows span
     assert owners.tolist() == list(range(n))  # in concept order (rank 1 spends none on copies)
-    monkeypatch.setattr(train, "OTHER_CONCEPTS_FROM", n + 1)
+    monkeypatch.setattr(aimed, "OTHER_CONCEPTS_FROM", n + 1)
     plain, plain_owners = concept_basis(examples, preserve, n, 1)
     assert torch.equal(owners, plain_owners)
     avoided, shared = _leak(examples, basis, owners, n), _leak(examples, plain, plain_owners, n)

@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from checkpoints import CHECKPOINT_NAME, random_sd15_checkpoint
 from comfy_server import ARTIFACTS, PACK_DIR_NAME, WORKFLOWS, ComfyServer, running_server
-from workflow_api import WorkflowError, node_ids, nodes_of, set_inputs, ui_to_api
+from workflow_api import WorkflowError, node_ids, nodes_of, set_inputs, ui_to_api, with_advanced_train
 
 pytestmark = pytest.mark.server
 
@@ -30,6 +30,10 @@ SD15_ATTN2_LAYERS = 16
 FILE_COMBOS = {"ckpt_name", "patch_name"}
 
 NODE_CONTRACT = {
+    "FMN_ForgetTrainSimple": (
+        {"model": "MODEL", "clip": "CLIP", "concepts": "STRING", "steps": "INT", "seed": "INT"},
+        {"images": "IMAGE", "vae": "VAE", "keep": "STRING"},
+        ["MODEL", "FORGET_PATCH", "IMAGE", "CLIP", "IMAGE", "STRING"], False),
     "FMN_ForgetTrain": (
         {"model": "MODEL", "clip": "CLIP", "concepts": "STRING", "steps": "INT", "learning_rate": "FLOAT",
          "rank": "INT", "seed": "INT"},
@@ -102,7 +106,9 @@ def shipped_prompt(name: str, object_info: dict) -> dict:
 
 
 def forget_prompt(object_info: dict, concept: str, filename: str, **train_inputs) -> dict:
-    prompt = shipped_prompt("forget_concept", object_info)
+    """The shipped forget_concept workflow, its Forget Train made the advanced node with the
+    same inputs so that its noise latents can shrink to test size."""
+    prompt = with_advanced_train(shipped_prompt("forget_concept", object_info))
     set_inputs(prompt, "FMN_ForgetTrain", concepts=concept, steps=2, resolution=SIZE, **train_inputs)
     set_inputs(prompt, "FMN_SaveForgetPatch", filename=filename)
     return prompt
@@ -214,7 +220,7 @@ def test_shipped_workflows_match_node_definitions(object_info: dict, name: str) 
 
 def test_conversion_rejects_a_widget_layout_the_node_does_not_have(object_info: dict) -> None:
     workflow = load_workflow("forget_concept")
-    (train,) = [n for n in workflow["nodes"] if n["type"] == "FMN_ForgetTrain"]
+    (train,) = [n for n in workflow["nodes"] if n["type"] == "FMN_ForgetTrainSimple"]
     train["widgets_values"].remove("fixed")  # the seed's control_after_generate value
     with pytest.raises(WorkflowError, match="widget values"):
         ui_to_api(workflow, object_info)
@@ -243,7 +249,7 @@ def test_forget_concept_workflow_runs(server: ComfyServer, van_gogh: tuple[dict,
 def test_remove_nsfw_workflow_trains_the_preset(server: ComfyServer, object_info: dict) -> None:
     """The shipped remove_nsfw workflow, shrunk to test size: one patch over the preset's
     eight words, steered to clothed figures."""
-    prompt = shipped_prompt("remove_nsfw", object_info)
+    prompt = with_advanced_train(shipped_prompt("remove_nsfw", object_info))
     set_inputs(prompt, "FMN_ForgetTrain", steps=2, resolution=SIZE)
     set_inputs(prompt, "FMN_SaveForgetPatch", filename="fmn_test_nsfw")
     server.run_prompt(prompt, PROMPT_TIMEOUT_S)
@@ -327,6 +333,43 @@ def test_stack_patches_workflow_runs(server: ComfyServer, object_info: dict, van
     pixels = image_pixels(stacked[0])
     assert len(set(pixels)) > 1
     assert pixels != image_pixels(unpatched[0]), "two stacked patches drew exactly what strength 0 draws"
+
+
+OLD_WORKFLOWS = Path(__file__).resolve().parent / "data" / "workflows_538ed3f"  # as shipped before the simple node
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in OLD_WORKFLOWS.glob("*.json")))
+def test_workflows_saved_with_the_old_forget_train_still_load(object_info: dict, name: str) -> None:
+    """Every workflow shipped before the simple node, as saved: its FMN_ForgetTrain widget
+    values still line up with the advanced node's inputs, and every value is one it takes."""
+    workflow = json.loads((OLD_WORKFLOWS / f"{name}.json").read_text())
+    prompt = ui_to_api(workflow, object_info)
+    (train,) = nodes_of(prompt, "FMN_ForgetTrain")
+    saved = [n for n in workflow["nodes"] if n["type"] == "FMN_ForgetTrain"][0]["widgets_values"]
+    assert train["inputs"]["concepts"] == saved[0] and train["inputs"]["target"] == saved[-1]
+    specs = object_info["FMN_ForgetTrain"]["input"]
+    for key, value in train["inputs"].items():
+        spec = {**specs["required"], **specs.get("optional", {})}[key]
+        if key == "mode":
+            assert value in spec[0]
+        elif spec[0] in ("INT", "FLOAT"):
+            assert spec[1]["min"] <= value <= spec[1]["max"], (key, value)
+
+
+def test_an_old_workflow_naming_a_benchmark_recipe_still_runs_it(server: ComfyServer, object_info: dict) -> None:
+    """'aimed k' left the mode list; the old ToyBench workflow with it chosen (as a workflow
+    saved back then holds it) passes the server's validation and trains that recipe."""
+    workflow = json.loads((OLD_WORKFLOWS / "toybench_forget.json").read_text())
+    prompt = ui_to_api(workflow, object_info)
+    assert "aimed k" not in object_info["FMN_ForgetTrain"]["input"]["optional"]["mode"][0]
+    set_inputs(prompt, "FMN_ForgetTrain", mode="aimed k", steps=2)
+    set_inputs(prompt, "FMN_SaveForgetPatch", filename="fmn_test_old_aimed_k")
+    set_inputs(prompt, "EmptyLatentImage", batch_size=1)
+    set_inputs(prompt, "KSampler", steps=1)
+    server.run_prompt(prompt, PROMPT_TIMEOUT_S)
+    with safe_open(str(server.patches_dir / "fmn_test_old_aimed_k.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["fmn.mode"] == "aimed k" and json.loads(metadata["fmn.self_check"])["steps"] == 2
 
 
 def test_toybench_workflow_forgets_captain_zorb(server: ComfyServer, object_info: dict) -> None:

@@ -9,7 +9,7 @@ import { app } from "../../scripts/app.js";
 import { element, hookNode, injectStyle } from "./fmn_dom.js";
 
 // Forget Train shows its run's verdict; Load and Apply Forget Patch show the one the patch carries.
-const NODE_NAMES = ["FMN_ForgetTrain", "FMN_LoadForgetPatch", "FMN_ApplyForgetPatch"];
+const NODE_NAMES = ["FMN_ForgetTrainSimple", "FMN_ForgetTrain", "FMN_LoadForgetPatch", "FMN_ApplyForgetPatch"];
 const WIDGET_NAME = "fmn_verdict";
 const STYLE_ID = "fmn-verdict-style";
 const STYLE = `
