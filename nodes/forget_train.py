@@ -28,7 +28,7 @@ CONCEPTS_TOOLTIP = (
     "One concept per line. Optional fields after '|': a category (object, style, identity) or a "
     "template with {} (e.g. 'a photo of {} at night'), and images=A-B to say which input images "
     "show this concept. Examples: 'Van Gogh | style', 'embedding:my_cat | identity | images=0-3'. "
-    "'preset:nsfw' adds the NSFW preset's eight words (README: what it does and cannot promise)."
+    "'preset:nsfw' adds the NSFW preset's eight words (docs/nodes.md, 'Removing NSFW content': what it does and cannot promise)."
 )
 
 KEEP_TOOLTIP = (

@@ -18,7 +18,7 @@ class MScore:
     DESCRIPTION = ("M-Score: inverts the concept's images through the original model and through each patched "
                    "model with the same settings, and scores how close the recovered tokens stay to the concept's "
                    "own words (cosine; higher = more held). A forgotten concept scores lower after the patch. "
-                   "Definition in the README.")
+                   "Definition: docs/mscore.md.")
     RETURN_TYPES = ("FLOAT", "FLOAT", "FLOAT", "STRING")
     RETURN_NAMES = ("original_score", "patched_score", "drop", "report")
     OUTPUT_TOOLTIPS = ("M-Score through the original model.",
