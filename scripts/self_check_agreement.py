@@ -64,6 +64,7 @@ def agreement(results: list[dict]) -> dict:
         "spearman_collateral_relative": round(spearman([r["self_check"]["collateral_relative"] for r in runs], lost), 4),
         "spearman_collateral": round(spearman([r["self_check"]["collateral"] for r in runs], lost), 4),
         **confidence_agreement(runs),
+        **oracle_retest(runs),
         "targets": {"erasure": 0.8, "collateral": 0.7},
         "oracle_by_erasure": by_band(runs, lambda r: min(r["self_check"]["erasure"]), ERASURE_BANDS,
                                      lambda r: r["erased_after"]),
@@ -82,6 +83,21 @@ def confidence_agreement(runs: list[dict]) -> dict:
             "spearman_collateral_relative_confidence":
                 round(spearman([r["self_check"]["collateral_relative"] for r in runs], lost), 4),
             "spearman_collateral_confidence": round(spearman([r["self_check"]["collateral"] for r in runs], lost), 4)}
+
+
+def oracle_retest(runs: list[dict]) -> dict:
+    """How well the oracle's kept ranks runs against itself: the Spearman between its two
+    halves of the seeds (`kept_halves`), across runs. Its full-seed reliability follows by
+    Spearman-Brown, 2r / (1 + r); an in-run signal that ranked runs by their true kept could
+    still agree with the full-seed kept only about as well as sqrt(that) (the attenuation
+    bound), so this is the ceiling the collateral target is read against."""
+    runs = [r for r in runs if "kept_halves" in r]
+    if len(runs) < 3:
+        return {}
+    r = spearman([r["kept_halves"][0] for r in runs], [r["kept_halves"][1] for r in runs])
+    reliability = 2 * r / (1 + r) if r > 0 else 0.0
+    return {"oracle_retest": {"runs": len(runs), "spearman_halves": round(r, 4), "reliability_full": round(reliability, 4),
+                              "ceiling": round(reliability ** 0.5, 4)}}
 
 
 # Where the node's default target (1.0) and collateral warning (0.5) sit among the runs;
