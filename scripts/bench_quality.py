@@ -63,7 +63,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
 import self_check_agreement as agreement  # noqa: E402
-from bench import bootstrap  # noqa: E402
+from benchmarks.common import bootstrap  # noqa: E402
 
 OUT = REPO / "bench"
 SEEDS_IDENTITY = tuple(range(9000, 9016))  # 16 per portrait prompt

@@ -38,7 +38,7 @@ from typing import Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench import bootstrap  # noqa: E402
+from benchmarks.common import bootstrap  # noqa: E402
 from bench_quality import (HARDENED, OUT, RECIPES, SEEDS_IDENTITY, SEEDS_SCENE, attack_rate,  # noqa: E402
                            harden_settings, hardened, one_run, rates, score)
 
