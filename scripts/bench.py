@@ -120,7 +120,7 @@ def environment(pack) -> dict:
 def _engine_hash() -> str:
     """sha256 over the pack's Python sources as measured (the tree may hold uncommitted edits)."""
     digest = hashlib.sha256()
-    for path in sorted([REPO / "__init__.py", *(REPO / "fmn_core").glob("*.py"), *(REPO / "nodes").glob("*.py")]):
+    for path in sorted([REPO / "__init__.py", *(REPO / "fmn_core").rglob("*.py"), *(REPO / "nodes").glob("*.py")]):
         digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
