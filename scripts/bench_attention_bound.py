@@ -50,7 +50,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench import bootstrap  # noqa: E402
+from benchmarks.common import bootstrap  # noqa: E402
 
 CONCEPT = "van gogh"  # the Forget Train tests' concept, in their category
 FITS = {"k, rank 2": (("to_k",), 2), "k/v, rank 8": (("to_k", "to_v"), 8)}

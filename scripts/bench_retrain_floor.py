@@ -38,9 +38,9 @@ from typing import Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench import bootstrap  # noqa: E402
-from bench_quality import (HARDENED, OUT, RECIPES, SEEDS_IDENTITY, SEEDS_SCENE, attack_rate,  # noqa: E402
-                           harden_settings, hardened, one_run, rates, score)
+from benchmarks.common import bootstrap  # noqa: E402
+from quality.recovery import HARDENED, attack_rate, harden_settings, hardened  # noqa: E402
+from quality.runs import OUT, RECIPES, SEEDS_IDENTITY, SEEDS_SCENE, one_run, rates, score  # noqa: E402
 
 KEPT = REPO / "out" / "retrain_floor"
 EXCLUDED = ("Captain Zorb", "moon", "zebra", "checkers")  # each category; the attack recovers them well

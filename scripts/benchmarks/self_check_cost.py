@@ -1,0 +1,30 @@
+"""Figure 10: the in-run checks' seconds over the training steps' seconds in one default
+run run to its whole budget."""
+from __future__ import annotations
+
+from .common import CONCEPT_LINES, r4, self_check_figures
+
+
+def bench_self_check_share(pack, cfg: dict) -> dict:
+    """Figure 10: one default run (512 px, 150 steps) to its whole budget on the small
+    SD1.5-layout model; the checks and the training steps are timed inside that one run
+    (wall clock, side by side), so the share does not depend on how busy the machine is
+    over minutes."""
+    import host_models
+    from fmn_pack.fmn_core.concepts import parse_concepts
+    from fmn_pack.fmn_core.train import ForgetConfig, forget
+
+    patcher, clip = host_models.sd15_model(seed=0), host_models.sd1_clip(seed=1)
+    concept = parse_concepts(CONCEPT_LINES[0])
+    forget(patcher, clip, concept, ForgetConfig(steps=2, check_every=1))  # warm-up
+    whole = forget(patcher, clip, concept, ForgetConfig(target=0.0)).report
+    return {
+        "value": r4(whole.check_seconds / whole.train_seconds),
+        "bound": 0.10,
+        "what": ("seconds of the in-run checks (the original predictions before the first step, every check, the "
+                 "final collateral and attention measurement) over the seconds of the training steps, in one "
+                 f"forget() run of '{CONCEPT_LINES[0]}' with the default ForgetConfig but target 0 "
+                 f"({whole.budget} steps, checks every {ForgetConfig().check_every}) at 512 px, the tests' small "
+                 "SD1.5-layout model; wall clock inside the run"),
+        "run": self_check_figures(whole),
+    }

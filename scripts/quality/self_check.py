@@ -1,0 +1,75 @@
+"""`--self-check`: the self-check study, each run's in-run report set beside the oracle's
+figures, written into the report as each run is measured."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .report import add_self_check, rewrite_report
+from .runs import MULTI_CONCEPT_ONLY, OUT, confidences, one_run, score, self_check_entry
+
+
+def self_check_study(toy, oracle_net, chosen: dict, recipes: dict, seeds, seed: int, out: Path, all_runs: dict) -> None:
+    """`--self-check`: each recipe x run trained and measured (recipes in the order given),
+    and put into `out` at once, so an interrupted study keeps what it measured; a run and
+    recipe the study already holds with the oracle's probabilities is not trained again.
+
+    At the full seeds the oracle scores each model on the two halves of them apart (the
+    first half is --quick's seeds) and the full figures are their mean: `kept_halves` then
+    shows how far the oracle's own kept moves between two draws of samples, which bounds
+    how well any in-run signal can rank runs by it (self_check_agreement.oracle_retest)."""
+    earlier = json.loads(out.read_text()).get("self_check", {})
+    done = {(r["run"], r["recipe"]) for r in earlier.get("runs", []) if "kept_confidence" in r}
+    parts = seed_halves(seeds)
+    if (earlier.get("seeds_identity"), earlier.get("seeds_scene")) == tuple(seeds) and "base_halves" in earlier:
+        base_parts = earlier["base_halves"]  # same seeds: same base figures
+    else:
+        base_parts = [confidences(toy[0], toy, oracle_net, part) for part in parts]
+    base, base_confidence = mean_scores(base_parts)
+    plot = OUT / "self_check.png" if out == OUT / "quality.json" else out.with_suffix(".png")
+    for recipe_name, recipe in recipes.items():
+        for run_name, lines in chosen.items():
+            if (recipe_name in MULTI_CONCEPT_ONLY and len(lines) == 1) or (run_name, recipe_name) in done:
+                continue
+            forgotten = [line.split("|")[0].strip() for line in lines]
+            trained = one_run(toy, lines, recipe, seed)
+            after_parts = [confidences(trained["patched"], toy, oracle_net, part, clip=trained["clip"]) for part in parts]
+            after, after_confidence = mean_scores(after_parts)
+            entry = {"run": run_name, "recipe": recipe_name, "settings": recipe,
+                     "seconds_per_concept": round(trained["seconds"] / len(forgotten), 2),
+                     **score(base, after, forgotten),
+                     # score()'s kept read from the probabilities: without the decisions' steps of one sample
+                     "kept_confidence": score(base_confidence, after_confidence, forgotten)["kept"],
+                     "self_check": self_check_entry(trained["result"].report)}
+            if len(parts) == 2:
+                entry["kept_halves"] = [score(b[0], a[0], forgotten)["kept"] for b, a in zip(base_parts, after_parts)]
+            report = json.loads(out.read_text())
+            study = report.setdefault("self_check", {})
+            study.update(seeds_identity=seeds[0], seeds_scene=seeds[1], base={k: round(v, 4) for k, v in base.items()},
+                         base_confidence={k: round(v, 4) for k, v in base_confidence.items()},
+                         base_halves=[[{k: round(v, 6) for k, v in d.items()} for d in part] for part in base_parts])
+            study["runs"] = [r for r in study.get("runs", []) if (r["run"], r["recipe"]) != (run_name, recipe_name)] + [entry]
+            add_self_check(report, all_runs, plot)
+            rewrite_report(report, out)
+            print(f"{run_name:22s} {recipe_name:26s} oracle erased {entry['erased_before']:.2f}->{entry['erased_after']:.2f} "
+                  f"kept {entry['kept']:.3f} ({entry['kept_confidence']:.4f}) {entry.get('kept_halves', '')} H {entry['H']:.3f}"
+                  f" | in-run erasure {entry['self_check']['erasure_mean']:.3f} collateral "
+                  f"{entry['self_check']['collateral_relative']:.3f} steps {entry['self_check']['steps']} | spearman "
+                  f"{report['self_check']['spearman_erasure']:.2f} / {report['self_check']['spearman_collateral_relative']:.2f}"
+                  f" / {report['self_check']['spearman_collateral_relative_confidence']:.2f}", flush=True)
+
+
+def seed_halves(seeds: tuple[list[int], list[int]]) -> list[tuple[list[int], list[int]]]:
+    """The seeds as two disjoint halves of equal size (the first is --quick's), or whole
+    where they do not halve (the quick seeds' 3 scene seeds)."""
+    identity, scene = seeds
+    if len(identity) % 2 or len(scene) % 2:
+        return [(list(identity), list(scene))]
+    hi, hs = len(identity) // 2, len(scene) // 2
+    return [(list(identity[:hi]), list(scene[:hs])), (list(identity[hi:]), list(scene[hs:]))]
+
+
+def mean_scores(parts: list) -> tuple[dict, dict]:
+    """Detection and probability per concept over equal-sized seed parts: their mean is the
+    figure over all of the seeds (each part draws the same number of samples per concept)."""
+    return tuple({c: sum(p[i][c] for p in parts) / len(parts) for c in parts[0][i]} for i in range(2))
