@@ -60,6 +60,14 @@ EXPECTED_FAILED_LOAD = re.compile(r"^(https://api\.comfy\.org/|http://127\.0\.0\
                                   r"\S* - Failed to load resource")
 STOCK_SETTING_RACE = "TypeError: Cannot read properties of undefined (reading 'id')\n    at onChange ("
 
+# Started: the graph exists, the viewer node is registered, and the front end's own start-up
+# has finished opening a workflow (the default one, or on a reload the tabs it restores): its
+# spinner is off and a workflow is active. From 1.4x on the front end restores the open tabs
+# after the graph exists and only then turns the spinner off, so a workflow loaded as soon as
+# the graph exists is replaced by the restored one.
+STARTED_JS = """const app = window.comfyAPI?.app?.app, workspace = app?.extensionManager;
+return !!(app?.graph && window.LiteGraph?.registered_node_types?.[arguments[0]]
+          && workspace && !workspace.spinner && workspace.workflow?.activeWorkflow)"""
 CELLS_JS = """return [...document.querySelectorAll('.fmn-attention-cell')].map(cell => ({
   word: cell.dataset.word, model: cell.dataset.model,
   caption: cell.querySelector('.fmn-attention-word').textContent,
@@ -111,12 +119,17 @@ def browser(tmp_path_factory) -> WebDriver:
 @pytest.fixture(scope="module")
 def frontend(server: ComfyServer, browser: WebDriver) -> WebDriver:
     """The front end open in the browser, once it knows the viewer node."""
-    browser.get(server.url)
-    WebDriverWait(browser, PAGE_TIMEOUT_S, POLL_S).until(
-        lambda d: d.execute_script(f"return !!(window.comfyAPI?.app?.app?.graph && "
-                                   f"window.LiteGraph?.registered_node_types?.{VIEWER})"),
-        f"the front end did not register {VIEWER} within {PAGE_TIMEOUT_S:.0f} s")
+    open_frontend(browser, server.url)
     return browser
+
+
+def open_frontend(browser: WebDriver, url: str) -> None:
+    """Open (or reload) the page and wait until the front end has started: it knows the viewer
+    node and has opened its first workflow (see STARTED_JS)."""
+    browser.get(url)
+    WebDriverWait(browser, PAGE_TIMEOUT_S, POLL_S / 4).until(
+        lambda d: d.execute_script(STARTED_JS, VIEWER),
+        f"the front end did not start (or register {VIEWER}) within {PAGE_TIMEOUT_S:.0f} s")
 
 
 @pytest.fixture(scope="module")
@@ -459,11 +472,7 @@ def test_grid_shows_in_the_vue_node_renderer(server: ComfyServer, frontend: WebD
     grid is drawn inside the Vue node, one cell per word and model, every map loaded."""
     requests.post(f"{server.url}/api/settings/{VUE_NODES}", json=True, timeout=30).raise_for_status()
     try:
-        frontend.get(server.url)
-        WebDriverWait(frontend, PAGE_TIMEOUT_S, POLL_S).until(
-            lambda d: d.execute_script(f"return !!(window.comfyAPI?.app?.app?.graph && "
-                                       f"window.LiteGraph?.registered_node_types?.{VIEWER})"),
-            f"the front end did not register {VIEWER} within {PAGE_TIMEOUT_S:.0f} s")
+        open_frontend(frontend, server.url)
         frontend.execute_script("return window.comfyAPI.app.app.loadGraphData(arguments[0])", json.loads(WORKFLOW.read_text()))
         WebDriverWait(frontend, PAGE_TIMEOUT_S, POLL_S).until(
             lambda d: d.execute_script("return document.querySelectorAll('[data-node-id]').length") > 0,
