@@ -20,7 +20,7 @@ import requests
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
-from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.actions.action_builder import ActionBuilder
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -305,6 +305,15 @@ return {title: help.querySelector('h1')?.textContent ?? '',
         rows: help.querySelectorAll('table tr').length,
         images: images.map(i => i.getAttribute('src')),
         loaded: images.length > 0 && images.every(i => i.complete && i.naturalWidth > 0)}"""
+# Where the help page shows differs between front ends, and so does what closes it: the
+# properties panel's own toggle (1.4x), or the Info button again, which closes the page and the
+# node library panel it opened (1.3x).
+CLOSE_HELP_JS = """const panel = document.querySelector('.node-help-content')?.closest("[data-testid='properties-panel']");
+const button = panel ? panel.querySelector("button[aria-label='Toggle properties panel']")
+                     : document.querySelector("[data-testid='info-button']");
+button?.click();
+return !!button"""
+HELP_PANEL_OPEN_JS = """return !!document.querySelector(".node-help-content, [data-testid='properties-panel'], .node-lib-node-container")"""
 
 
 @pytest.fixture(scope="module")
@@ -331,35 +340,37 @@ def test_each_node_draws_on_an_empty_canvas(frontend: WebDriver, pack_nodes: dic
             assert len(set(picture.convert("L").getdata())) > 8, f"{node_id}: the node drew as a flat picture"
 
 
-def open_help(browser: WebDriver, display_name: str) -> dict:
-    """Open a node's help page from the node library panel, as a user does: the panel,
-    the pack's folder, hover the node, its "?" button; what the page shows once its
-    pictures have loaded."""
-    if not browser.find_elements(By.CSS_SELECTOR, ".node-lib-node-container"):
-        if not browser.find_elements(By.CSS_SELECTOR, ".search-box-input"):
-            browser.find_element(By.CSS_SELECTOR, "button.side-bar-button[aria-label^='Node Library']").click()
-        folder = WebDriverWait(browser, IMAGE_TIMEOUT_S, POLL_S / 4).until(
-            lambda d: [e for e in d.find_elements(By.CSS_SELECTOR, ".p-tree-node-content")
-                       if e.get_attribute("textContent").strip().startswith("Forget-Me-Not")])
-        folder[0].click()
-    (leaf,) = [e for e in browser.find_elements(By.CSS_SELECTOR, ".node-lib-node-container")
-               if e.get_attribute("textContent").strip() == display_name]
-    ActionChains(browser).move_to_element(leaf).perform()
-    leaf.find_element(By.CSS_SELECTOR, ".help-button").click()
+def open_help(browser: WebDriver, node_id: str, display_name: str) -> dict:
+    """Open a node's help page as a user does: the node alone on the canvas, a click on its
+    title selects it, and the Info button of the toolbox over the selection shows the page
+    (in the node library panel up to frontend 1.3x, whose library also has a "?" per node; in
+    the properties panel's Info tab since, whose library has none); what the page shows once
+    its pictures have loaded."""
+    browser.execute_script(ONE_NODE_JS, node_id)
+    left, top, width, _, _ = browser.execute_script(NODE_RECT_JS, node_id)
+    title = browser.execute_script("return window.LiteGraph.NODE_TITLE_HEIGHT")
+    actions = ActionBuilder(browser)
+    actions.pointer_action.move_to_location(round(left + width / 2), round(top + title / 2)).click()
+    actions.perform()
+    (info,) = WebDriverWait(browser, IMAGE_TIMEOUT_S, POLL_S / 4).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "[data-testid='info-button']"),
+        f"no Info button over the selected {node_id}")
+    info.click()
     return WebDriverWait(browser, IMAGE_TIMEOUT_S, POLL_S / 4).until(
         lambda d: (page := d.execute_script(HELP_JS)) and page["title"] == display_name and page["loaded"] and page,
         f"the help page of {display_name} did not show with its pictures within {IMAGE_TIMEOUT_S:.0f} s")
 
 
 def close_help(browser: WebDriver) -> None:
-    browser.find_element(By.CSS_SELECTOR, "button .pi-arrow-left").click()
+    """Close the help page and the panel it opened in, so that nothing covers the canvas."""
+    assert browser.execute_script(CLOSE_HELP_JS), "no button closes the help page"
     WebDriverWait(browser, IMAGE_TIMEOUT_S, POLL_S / 4).until(
-        lambda d: not d.find_elements(By.CSS_SELECTOR, ".node-help-content"))
+        lambda d: not d.execute_script(HELP_PANEL_OPEN_JS), "the help page did not close")
 
 
-def test_every_help_page_opens_from_the_node_library(frontend: WebDriver, pack_nodes: dict[str, str]) -> None:
+def test_every_help_page_opens_from_the_node_info_button(frontend: WebDriver, pack_nodes: dict[str, str]) -> None:
     for node_id, display_name in pack_nodes.items():
-        page = open_help(frontend, display_name)
+        page = open_help(frontend, node_id, display_name)
         assert page["headings"][:2] == ["Inputs", "Outputs"], (node_id, page["headings"])
         assert page["rows"] >= 2, f"{node_id}: the help page shows no Outputs table"
         assert [src.rsplit("/", 1)[-1] for src in page["images"]] == [f"{node_id}.png"], page["images"]
