@@ -423,24 +423,27 @@ def test_each_workflow_opens_and_is_pictured_for_the_templates_browser(frontend:
     assert not [e for e in frontend.get_log("browser") if unexpected(e)]
 
 
-CLICK_PACK_ENTRY_JS = """const entry = [...document.querySelectorAll('.p-dialog span')]
+# The templates dialog: PrimeVue's .p-dialog up to frontend 1.3x, a reka-ui dialog in 1.4x;
+# both are role="dialog".
+DIALOG = "[role='dialog']"
+CLICK_PACK_ENTRY_JS = """const entry = [...document.querySelectorAll("DIALOG span")]
   .find(e => e.textContent.trim() === arguments[0]);
 if (entry) entry.click();
-return !!entry"""
-CLICK_CARD_JS = """const card = document.querySelector(`.p-dialog [data-testid='template-workflow-${arguments[0]}']`);
+return !!entry""".replace("DIALOG", DIALOG)
+CLICK_CARD_JS = """const card = document.querySelector(`DIALOG [data-testid='template-workflow-${arguments[0]}']`);
 if (card) card.click();
-return !!card"""
-CARD_NAMES_JS = """return [...document.querySelectorAll(".p-dialog [data-testid^='template-workflow-']")]
-.map(card => card.dataset.testid.slice('template-workflow-'.length))"""
+return !!card""".replace("DIALOG", DIALOG)
+CARD_NAMES_JS = """return [...document.querySelectorAll("DIALOG [data-testid^='template-workflow-']")]
+.map(card => card.dataset.testid.slice('template-workflow-'.length))""".replace("DIALOG", DIALOG)
 # One card's own thumbnail: loaded or not. The dialog draws a card's image only while the card
 # is in view and drops it once the card scrolls out (nine cards overflow the dialog), so the
 # card is scrolled into view first. A thumbnail that fails to load is replaced by the front
 # end's default picture, which is not the card's own (that one is drawn from a blob: URL).
-THUMBNAIL_JS = """const card = document.querySelector(`.p-dialog [data-testid='template-workflow-${arguments[0]}']`);
+THUMBNAIL_JS = """const card = document.querySelector(`DIALOG [data-testid='template-workflow-${arguments[0]}']`);
 if (!card) return false;
 card.scrollIntoView({block: "center"});
 return [...card.querySelectorAll("img")].some(img => !img.src.includes("default-template")
-  && img.complete && img.naturalWidth > 0)"""
+  && img.complete && img.naturalWidth > 0)""".replace("DIALOG", DIALOG)
 
 
 def open_pack_templates(browser: WebDriver) -> None:
@@ -466,7 +469,7 @@ def test_each_workflow_opens_from_the_templates_dialog(frontend: WebDriver) -> N
         expected = sorted(n["type"] for n in json.loads((WORKFLOWS / f"{name}.json").read_text())["nodes"])
         WebDriverWait(frontend, PAGE_TIMEOUT_S, POLL_S / 4).until(
             lambda d: sorted(d.execute_script("return window.comfyAPI.app.app.graph.nodes.map(n => n.type)")) == expected
-            and not d.find_elements(By.CSS_SELECTOR, ".p-dialog"),
+            and not d.find_elements(By.CSS_SELECTOR, DIALOG),
             f"{name}: clicking its template card did not load its nodes")
     assert not [e for e in frontend.get_log("browser") if unexpected(e)]
 
