@@ -48,17 +48,27 @@ FEWER_STEPS = {"FMN_ForgetTrain": 10, VIEWER: 4}
 RUN_TIMEOUT_S = 600.0
 IMAGE_TIMEOUT_S = 30.0
 POLL_S = 1.0
-# What the stock front end (1.32.9) logs on every start-up here, with or without this pack
-# (checked with the pack's extension blocked): failed loads of the favicon ComfyUI does not
+# What the stock front end logs on every start-up here, with or without this pack (checked
+# with the pack's extension blocked). 1.32.9: failed loads of the favicon ComfyUI does not
 # serve, of optional files a fresh user does not have (user.css, saved workflows, templates),
 # and of the registry at api.comfy.org, which a closed network cannot reach; and a TypeError
 # from its graph view storing a render-mode setting before the setting is registered.
+# 1.47.12 adds failed loads of the model links in its default workflow (huggingface.co, which
+# it checks for missing models) and three messages of its own bundles (/assets/): the legacy
+# queue and history lists it still builds warn that they are deprecated, its mask editor
+# extension warns that the ComfyApp.open_maskeditor it installs is deprecated, and something
+# reads app.rootGraph before the graph is set up.
 # The help panel asks for a translated page (docs/<node id>/<locale>.md) before the plain
 # docs/<node id>.md this pack ships, so each page opened adds one such 404.
-EXPECTED_FAILED_LOAD = re.compile(r"^(https://api\.comfy\.org/|http://127\.0\.0\.1:\d+/(favicon\.ico|user\.css|api/userdata[/?]"
+EXPECTED_FAILED_LOAD = re.compile(r"^(https://api\.comfy\.org/|https://huggingface\.co/Comfy-Org/"
+                                  r"|http://127\.0\.0\.1:\d+/(favicon\.ico|user\.css|api/userdata[/?]"
                                   rf"|extensions/{PACK_DIR_NAME}/docs/FMN_\w+/en\.md))"
                                   r"\S* - Failed to load resource")
 STOCK_SETTING_RACE = "TypeError: Cannot read properties of undefined (reading 'id')\n    at onChange ("
+STOCK_BUNDLE_MESSAGE = re.compile(r'^http://127\.0\.0\.1:\d+/assets/[\w-]+\.js \d+:\d+ '
+                                  r'"(\[ComfyUI\] The legacy queue/history menu is deprecated\. '
+                                  r'|\[MaskEditor\] ComfyApp\.open_maskeditor is deprecated\. '
+                                  r'|ComfyApp graph accessed before initialization")')
 
 # Started: the graph exists, the viewer node is registered, and the front end's own start-up
 # has finished opening a workflow (the default one, or on a reload the tabs it restores): its
@@ -256,7 +266,9 @@ def unexpected(entry: dict) -> bool:
     message = entry["message"]
     if entry["source"] == "network" and EXPECTED_FAILED_LOAD.match(message):
         return False
-    return not (entry["source"] == "console-api" and STOCK_SETTING_RACE in message and "/extensions/" not in message)
+    if entry["source"] != "console-api":
+        return True
+    return not ((STOCK_SETTING_RACE in message and "/extensions/" not in message) or STOCK_BUNDLE_MESSAGE.match(message))
 
 
 VERDICT_JS = "return [...document.querySelectorAll('.fmn-verdict-text')].map(e => e.textContent)"
