@@ -26,7 +26,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
-from comfy_server import ARTIFACTS, PACK_DIR_NAME, WORKFLOWS, ComfyServer, running_server
+from comfy_server import ARTIFACTS, PACK_DIR_NAME, PATCH_FOLDER, WORKFLOWS, ComfyServer, running_server
 from fmn_pack.nodes import NODE_DISPLAY_NAME_MAPPINGS
 
 pytestmark = pytest.mark.server
@@ -105,7 +105,23 @@ def server(tmp_path_factory) -> ComfyServer:
         for setting, value in (("Comfy.Minimap.Visible", False), ("Comfy.Graph.CanvasInfo", False),
                                ("LiteGraph.Canvas.MinFontSizeForLOD", 0)):
             requests.post(f"{running.url}/api/settings/{setting}", json=value, timeout=30).raise_for_status()
+        add_model_stand_ins(running)
         yield running
+
+
+# Model files the shipped workflows pick in a loader, by the folder each loader lists.
+MODEL_LOADERS = {"CheckpointLoaderSimple": "checkpoints", "FMN_LoadForgetPatch": PATCH_FOLDER}
+
+
+def add_model_stand_ins(server: ComfyServer) -> None:
+    """Empty files named as the models the shipped workflows pick (a checkpoint, two patches):
+    a user who opens them has those files, and without them the 1.4x front end outlines each
+    such loader in red and raises an error toast over the pictures the tests take. These
+    workflows are only opened here, never run."""
+    for path in WORKFLOWS.glob("*.json"):
+        for node in json.loads(path.read_text())["nodes"]:
+            if node["type"] in MODEL_LOADERS:
+                (server.models_dir / MODEL_LOADERS[node["type"]] / node["widgets_values"][0]).touch()
 
 
 @pytest.fixture(scope="module")
