@@ -317,14 +317,21 @@ def test_console_has_no_errors_or_warnings(browser: WebDriver, ui_message: list[
 DOCS = REPO / "web" / "docs"
 PACK_NODES_JS = """return Object.keys(window.LiteGraph.registered_node_types).filter(t => t.startsWith('FMN_')).sort()
   .map(t => [t, window.LiteGraph.registered_node_types[t].title])"""
+# The nodes already on the canvas are removed one by one rather than by graph.clear(): 1.47's
+# clear() gives the graph the all-zero id and, once it has that id, no longer forgets the
+# widget values it keeps per graph id, node id and widget name, so a new node 1 would show
+# the values of the last node 1 wherever the widget names match (steps, learning_rate, ...).
+# Removed nodes leave their ids used, so every node created here gets a new one.
 ONE_NODE_JS = """const app = window.comfyAPI.app.app;
-app.graph.clear();
+for (const old of [...app.graph.nodes]) app.graph.remove(old);
 const node = window.LiteGraph.createNode(arguments[0]);
 app.graph.add(node);
 node.pos = [420, 240];  // clear of the sidebar, tabs and menus that float over the canvas
 app.canvas.ds.offset = [0, 0]; app.canvas.ds.scale = 1;
 app.graph.setDirtyCanvas(true, true); app.canvas.draw(true, true);
 return node.size;"""
+WIDGET_VALUES_JS = """const node = window.comfyAPI.app.app.graph.nodes.find(n => n.type === arguments[0]);
+return Object.fromEntries((node.widgets ?? []).map(w => [w.name, w.value]))"""
 HELP_JS = """const help = document.querySelector('.node-help-content');
 if (!help) return null;
 const images = [...help.querySelectorAll('img')];
@@ -350,9 +357,16 @@ def pack_nodes(frontend: WebDriver) -> dict[str, str]:
     return dict(frontend.execute_script(PACK_NODES_JS))
 
 
-def test_each_node_draws_on_an_empty_canvas(frontend: WebDriver, pack_nodes: dict[str, str]) -> None:
-    """Every node drawn alone, cut from a screenshot: the help pages' pictures
-    (web/docs/<node id>.png are copies of out/test-artifacts/nodes/<node id>.png)."""
+def defaults(node_info: dict) -> dict:
+    """The inputs the node declares a default for, with that default."""
+    return {name: spec[1]["default"] for section in ("required", "optional")
+            for name, spec in node_info["input"].get(section, {}).items()
+            if len(spec) > 1 and isinstance(spec[1], dict) and "default" in spec[1]}
+
+
+def test_each_node_draws_on_an_empty_canvas(server: ComfyServer, frontend: WebDriver, pack_nodes: dict[str, str]) -> None:
+    """Every node drawn alone with its defaults, cut from a screenshot: the help pages'
+    pictures (web/docs/<node id>.png are copies of out/test-artifacts/nodes/<node id>.png)."""
     from PIL import Image
     assert pack_nodes == NODE_DISPLAY_NAME_MAPPINGS, pack_nodes
     folder = ARTIFACTS / "nodes"
@@ -360,6 +374,10 @@ def test_each_node_draws_on_an_empty_canvas(frontend: WebDriver, pack_nodes: dic
     for node_id in pack_nodes:
         width, height = frontend.execute_script(ONE_NODE_JS, node_id)
         assert width > 100 and height > 20, (node_id, width, height)
+        values = frontend.execute_script(WIDGET_VALUES_JS, node_id)
+        expected = {name: value for name, value in defaults(server.get(f"/object_info/{node_id}")[node_id]).items()
+                    if name in values}
+        assert {name: values[name] for name in expected} == pytest.approx(expected), node_id
         shot = folder / f"{node_id}-screen.png"
         frontend.save_screenshot(str(shot))
         save_node_picture(frontend, shot, folder / f"{node_id}.png", node_id)
