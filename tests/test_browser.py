@@ -72,9 +72,9 @@ STOCK_BUNDLE_MESSAGE = re.compile(r'^http://127\.0\.0\.1:\d+/assets/[\w-]+\.js \
 
 # Started: the graph exists, the viewer node is registered, and the front end's own start-up
 # has finished opening a workflow (the default one, or on a reload the tabs it restores): its
-# spinner is off and a workflow is active. From 1.4x on the front end restores the open tabs
-# after the graph exists and only then turns the spinner off, so a workflow loaded as soon as
-# the graph exists is replaced by the restored one.
+# spinner is off and a workflow is active. 1.47.12 restores the open tabs after the graph
+# exists and only then turns the spinner off, so a workflow loaded as soon as the graph exists
+# is replaced by the restored one.
 STARTED_JS = """const app = window.comfyAPI?.app?.app, workspace = app?.extensionManager;
 return !!(app?.graph && window.LiteGraph?.registered_node_types?.[arguments[0]]
           && workspace && !workspace.spinner && workspace.workflow?.activeWorkflow)"""
@@ -115,7 +115,7 @@ MODEL_LOADERS = {"CheckpointLoaderSimple": "checkpoints", "FMN_LoadForgetPatch":
 
 def add_model_stand_ins(server: ComfyServer) -> None:
     """Empty files named as the models the shipped workflows pick (a checkpoint, two patches):
-    a user who opens them has those files, and without them the 1.4x front end outlines each
+    a user who opens them has those files, and without them the 1.47.12 front end outlines each
     such loader in red and raises an error toast over the pictures the tests take. These
     workflows are only opened here, never run."""
     for path in WORKFLOWS.glob("*.json"):
@@ -341,8 +341,8 @@ return {title: help.querySelector('h1')?.textContent ?? '',
         images: images.map(i => i.getAttribute('src')),
         loaded: images.length > 0 && images.every(i => i.complete && i.naturalWidth > 0)}"""
 # Where the help page shows differs between front ends, and so does what closes it: the
-# properties panel's own toggle (1.4x), or the Info button again, which closes the page and the
-# node library panel it opened (1.3x).
+# properties panel's own toggle (1.47.12), or the Info button again, which closes the page and
+# the node library panel it opened (1.32.9).
 CLOSE_HELP_JS = """const panel = document.querySelector('.node-help-content')?.closest("[data-testid='properties-panel']");
 const button = panel ? panel.querySelector("button[aria-label='Toggle properties panel']")
                      : document.querySelector("[data-testid='info-button']");
@@ -389,8 +389,8 @@ def test_each_node_draws_on_an_empty_canvas(server: ComfyServer, frontend: WebDr
 def open_help(browser: WebDriver, node_id: str, display_name: str) -> dict:
     """Open a node's help page as a user does: the node alone on the canvas, a click on its
     title selects it, and the Info button of the toolbox over the selection shows the page
-    (in the node library panel up to frontend 1.3x, whose library also has a "?" per node; in
-    the properties panel's Info tab since, whose library has none); what the page shows once
+    (1.32.9: in the node library panel, whose library also has a "?" per node; 1.47.12: in the
+    properties panel's Info tab, and its redesigned library has none); what the page shows once
     its pictures have loaded."""
     browser.execute_script(ONE_NODE_JS, node_id)
     left, top, width, _, _ = browser.execute_script(NODE_RECT_JS, node_id)
@@ -469,7 +469,7 @@ def test_each_workflow_opens_and_is_pictured_for_the_templates_browser(frontend:
     assert not [e for e in frontend.get_log("browser") if unexpected(e)]
 
 
-# The templates dialog: PrimeVue's .p-dialog up to frontend 1.3x, a reka-ui dialog in 1.4x;
+# The templates dialog: PrimeVue's .p-dialog in 1.32.9, a reka-ui dialog in 1.47.12;
 # both are role="dialog".
 DIALOG = "[role='dialog']"
 CLICK_PACK_ENTRY_JS = """const entry = [...document.querySelectorAll("DIALOG span")]
