@@ -6,7 +6,7 @@ server's `/object_info` reports them, so they cannot drift from the code:
 - `locales/en/nodeDefs.json`: names and tooltips in the frontend's i18n layout, so the pack
   can be translated by adding `locales/<lang>/nodeDefs.json`;
 - the "Inputs" and "Outputs" tables of each help page `web/docs/<node id>.md` (the host's
-  help-panel convention; the node library's "?" opens it). The rest of a page (intro,
+  help-panel convention; the Info button over a selected node opens it). The rest of a page (intro,
   picture, tips) is written by hand and left as it is.
 
 `python scripts/node_docs.py` rewrites both from a real server started on loopback;

@@ -19,6 +19,7 @@ import pytest
 import requests
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
+from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.actions.action_builder import ActionBuilder
 from selenium.webdriver.common.by import By
@@ -183,7 +184,8 @@ def save_node_picture(browser: WebDriver, screenshot: Path, out: Path, node_type
     left, top, width, height, ratio = browser.execute_script(NODE_RECT_JS, node_type)
     with Image.open(screenshot) as image:
         box = [round(v * ratio) for v in (left - 4, top - 4, left + width + 4, top + height + 4)]
-        image.crop((max(box[0], 0), max(box[1], 0), min(box[2], image.width), min(box[3], image.height))).save(out)
+        assert box[2] <= image.width and box[3] <= image.height, f"{node_type} runs off the page: {box}, {image.size}"
+        image.crop((max(box[0], 0), max(box[1], 0), box[2], box[3])).save(out)
 
 
 def wait_for_grid(server: ComfyServer, browser: WebDriver) -> dict:
@@ -315,6 +317,7 @@ def test_console_has_no_errors_or_warnings(browser: WebDriver, ui_message: list[
 # --- each node on the canvas, and its help page from the node library ----------------------
 
 DOCS = REPO / "web" / "docs"
+TALL_WINDOW = 1400  # window height for the node pictures: Forget Train (Advanced) is taller than 1000
 PACK_NODES_JS = """return Object.keys(window.LiteGraph.registered_node_types).filter(t => t.startsWith('FMN_')).sort()
   .map(t => [t, window.LiteGraph.registered_node_types[t].title])"""
 # The nodes already on the canvas are removed one by one rather than by graph.clear(): 1.47's
@@ -328,8 +331,29 @@ const node = window.LiteGraph.createNode(arguments[0]);
 app.graph.add(node);
 node.pos = [420, 240];  // clear of the sidebar, tabs and menus that float over the canvas
 app.canvas.ds.offset = [0, 0]; app.canvas.ds.scale = 1;
-app.graph.setDirtyCanvas(true, true); app.canvas.draw(true, true);
+app.canvas.setDirty(true, true);  // drawn by the render loop, which also places the text boxes
 return node.size;"""
+# The widgets drawn as page elements over the canvas (the text boxes of concepts, keep, ...)
+# are placed by the canvas's render loop after the node is added (1.47.12 first puts them at
+# the page's top left, full width): the picture waits until each is shown inside the node.
+DOM_WIDGETS_JS = """const node = window.comfyAPI.app.app.graph.nodes.find(n => n.type === arguments[0]);
+return (node.widgets ?? []).filter(w => w.element).map(w => {
+  const box = w.element.getBoundingClientRect(), style = getComputedStyle(w.element);
+  const blank = !['TEXTAREA', 'INPUT'].includes(w.element.tagName) && !w.element.innerText.trim()
+                && !w.element.querySelector('img, canvas, textarea, input');
+  return {name: w.name, blank, connected: w.element.isConnected, width: box.width, height: box.height,
+          display: style.display, visibility: style.visibility, opacity: style.opacity, x: box.x, y: box.y};
+})"""
+
+
+def dom_widgets_shown(browser: WebDriver, node_id: str) -> bool:
+    """Every page-element widget of the node that shows something (the verdict line before a
+    run shows nothing) is shown inside the node."""
+    left, top, width, height, _ = browser.execute_script(NODE_RECT_JS, node_id)
+    return all(w["blank"] or (w["connected"] and w["display"] != "none" and w["visibility"] != "hidden"
+                              and w["opacity"] != "0" and left - 2 <= w["x"] and w["x"] + w["width"] <= left + width + 2
+                              and top <= w["y"] and w["y"] + w["height"] <= top + height + 2)
+               for w in browser.execute_script(DOM_WIDGETS_JS, node_id))
 WIDGET_VALUES_JS = """const node = window.comfyAPI.app.app.graph.nodes.find(n => n.type === arguments[0]);
 return Object.fromEntries((node.widgets ?? []).map(w => [w.name, w.value]))"""
 HELP_JS = """const help = document.querySelector('.node-help-content');
@@ -367,13 +391,27 @@ def defaults(node_info: dict) -> dict:
 def test_each_node_draws_on_an_empty_canvas(server: ComfyServer, frontend: WebDriver, pack_nodes: dict[str, str]) -> None:
     """Every node drawn alone with its defaults, cut from a screenshot: the help pages'
     pictures (web/docs/<node id>.png are copies of out/test-artifacts/nodes/<node id>.png)."""
-    from PIL import Image
     assert pack_nodes == NODE_DISPLAY_NAME_MAPPINGS, pack_nodes
     folder = ARTIFACTS / "nodes"
     folder.mkdir(parents=True, exist_ok=True)
+    size = frontend.get_window_size()
+    frontend.set_window_size(size["width"], TALL_WINDOW)
+    try:
+        draw_each_node(server, frontend, pack_nodes, folder)
+    finally:
+        frontend.set_window_size(size["width"], size["height"])
+
+
+def draw_each_node(server: ComfyServer, frontend: WebDriver, pack_nodes: dict[str, str], folder: Path) -> None:
+    from PIL import Image
     for node_id in pack_nodes:
         width, height = frontend.execute_script(ONE_NODE_JS, node_id)
         assert width > 100 and height > 20, (node_id, width, height)
+        try:
+            WebDriverWait(frontend, IMAGE_TIMEOUT_S).until(lambda d: dom_widgets_shown(d, node_id))
+        except TimeoutException:
+            pytest.fail(f"{node_id}: its text boxes never showed on the node "
+                        f"{frontend.execute_script(NODE_RECT_JS, node_id)}: {frontend.execute_script(DOM_WIDGETS_JS, node_id)}")
         values = frontend.execute_script(WIDGET_VALUES_JS, node_id)
         expected = {name: value for name, value in defaults(server.get(f"/object_info/{node_id}")[node_id]).items()
                     if name in values}
