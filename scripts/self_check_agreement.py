@@ -91,12 +91,12 @@ def oracle_retest(runs: list[dict]) -> dict:
     Spearman-Brown, 2r / (1 + r); an in-run signal that ranked runs by their true kept could
     still agree with the full-seed kept only about as well as sqrt(that) (the attenuation
     bound), so this is the ceiling the collateral target is read against."""
-    runs = [r for r in runs if "kept_halves" in r]
+    runs = [run for run in runs if "kept_halves" in run]
     if len(runs) < 3:
         return {}
-    r = spearman([r["kept_halves"][0] for r in runs], [r["kept_halves"][1] for r in runs])
-    reliability = 2 * r / (1 + r) if r > 0 else 0.0
-    return {"oracle_retest": {"runs": len(runs), "spearman_halves": round(r, 4), "reliability_full": round(reliability, 4),
+    rho = spearman([run["kept_halves"][0] for run in runs], [run["kept_halves"][1] for run in runs])
+    reliability = 2 * rho / (1 + rho) if rho > 0 else 0.0
+    return {"oracle_retest": {"runs": len(runs), "spearman_halves": round(rho, 4), "reliability_full": round(reliability, 4),
                               "ceiling": round(reliability ** 0.5, 4)}}
 
 

@@ -194,3 +194,31 @@ def test_the_node_runs_from_python_with_images_after_sampling_the_same_model(inf
     patch, report = out["result"][1], check_report.reports_in(out["result"][1].metadata)[0]
     assert patch.lora and report.steps == 4 and out["ui"]["fmn_report"][0]["verdict"] == check_report.verdict(report)
     assert out["result"][4].shape[-1] == 3 and out["result"][5].startswith(check_report.verdict(report))
+
+
+def test_check_batches_join_only_prompts_that_can_share_a_forward():
+    """Consecutive prompts of one context length and pooled-ness, at most `size` a forward;
+    a prompt over 77 tokens (a longer context) or one with pooled output starts a new batch."""
+    def item(tokens: int, pooled: bool = False) -> checks.Item:
+        return checks.Item(torch.zeros(1, tokens, 8), torch.zeros(1, 4) if pooled else None, [1])
+
+    items = [item(77), item(77), item(77), item(154), item(77), item(77, pooled=True)]
+    batches = checks._batches(items, 2)
+    assert [(start, len(group)) for start, group in batches] == [(0, 2), (2, 1), (3, 1), (4, 1), (5, 1)]
+    assert [i for _, group in batches for i in group] == items
+
+
+def test_batched_check_forwards_measure_what_one_forward_per_prompt_does(sd1, monkeypatch):
+    """CHECK_ROWS = 3 is one prompt per forward (the checks before batching): the same
+    predictions and attention shares, up to float rounding."""
+    model, clip = sd1
+    measured = {}
+    for rows in (3, checks.CHECK_ROWS):
+        monkeypatch.setattr(checks, "CHECK_ROWS", rows)
+        with measuring(model, clip, keep=("Monet",)) as check:
+            measured[rows] = (check.before[0], check.ordinary_before)
+    (one, one_ordinary), (batched, batched_ordinary) = measured[3], measured[checks.CHECK_ROWS]
+    assert len(one_ordinary.predictions) > checks.CHECK_ROWS  # several batches of ordinary prompts
+    for a, b in ((one, batched), (one_ordinary, batched_ordinary)):
+        assert torch.allclose(a.predictions, b.predictions, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(a.shares, b.shares, rtol=1e-4, atol=1e-6)
