@@ -79,7 +79,7 @@ def save_grid(rows: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def forget_one(server, object_info: dict, concept: str, category: str, text: str) -> dict:
-    prompt = with_advanced_train(toy_prompt("forget_concept.json", object_info))  # to set resolution
+    prompt = with_advanced_train(toy_prompt("forget_concept.json", object_info), object_info)  # to set resolution
     filename = "toy_" + concept.lower().replace(" ", "_")
     set_inputs(prompt, "FMN_ForgetTrain", concepts=f"{concept} | {category}", resolution=SIZE)
     set_inputs(prompt, "FMN_SaveForgetPatch", filename=filename, overwrite=True)

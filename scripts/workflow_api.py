@@ -161,12 +161,23 @@ def set_inputs(prompt: dict[str, dict], class_type: str, **values: Any) -> None:
 SIMPLE_TRAIN, ADVANCED_TRAIN = "FMN_ForgetTrainSimple", "FMN_ForgetTrain"
 
 
-def with_advanced_train(prompt: dict[str, dict]) -> dict[str, dict]:
+def with_advanced_train(prompt: dict[str, dict], object_info: dict) -> dict[str, dict]:
     """Every simple Forget Train of an API prompt as Forget Train (Advanced) with the same
-    inputs. The advanced node takes the same names and fills the rest in with the defaults
-    the simple node trains with, so the run is the same until a caller sets an advanced
-    knob (a test or the demo shrinking `resolution` to its small model)."""
+    inputs, and the advanced node's other widget inputs at the defaults it declares: those
+    are ForgetConfig's, which the simple node trains with, so the run is the same until a
+    caller sets an advanced knob (a test or the demo shrinking `resolution` to its small
+    model)."""
+    defaults = {name: _default(kind, options) for name, kind, options in _input_specs(object_info[ADVANCED_TRAIN])
+                if _is_widget(kind, options)}
     for node in prompt.values():
         if node["class_type"] == SIMPLE_TRAIN:
             node["class_type"] = ADVANCED_TRAIN
+            node["inputs"] = {**defaults, **node["inputs"]}
     return prompt
+
+
+def _default(kind: Any, options: dict) -> Any:
+    """A widget input's declared default; a combo without one starts at its first choice."""
+    if "default" in options:
+        return options["default"]
+    return (kind if isinstance(kind, list) else options["options"])[0]

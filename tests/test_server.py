@@ -108,7 +108,7 @@ def shipped_prompt(name: str, object_info: dict) -> dict:
 def forget_prompt(object_info: dict, concept: str, filename: str, **train_inputs) -> dict:
     """The shipped forget_concept workflow, its Forget Train made the advanced node with the
     same inputs so that its noise latents can shrink to test size."""
-    prompt = with_advanced_train(shipped_prompt("forget_concept", object_info))
+    prompt = with_advanced_train(shipped_prompt("forget_concept", object_info), object_info)
     set_inputs(prompt, "FMN_ForgetTrain", concepts=concept, steps=2, resolution=SIZE, **train_inputs)
     set_inputs(prompt, "FMN_SaveForgetPatch", filename=filename)
     return prompt
@@ -249,7 +249,7 @@ def test_forget_concept_workflow_runs(server: ComfyServer, van_gogh: tuple[dict,
 def test_remove_nsfw_workflow_trains_the_preset(server: ComfyServer, object_info: dict) -> None:
     """The shipped remove_nsfw workflow, shrunk to test size: one patch over the preset's
     eight words, steered to clothed figures."""
-    prompt = with_advanced_train(shipped_prompt("remove_nsfw", object_info))
+    prompt = with_advanced_train(shipped_prompt("remove_nsfw", object_info), object_info)
     set_inputs(prompt, "FMN_ForgetTrain", steps=2, resolution=SIZE)
     set_inputs(prompt, "FMN_SaveForgetPatch", filename="fmn_test_nsfw")
     server.run_prompt(prompt, PROMPT_TIMEOUT_S)
