@@ -111,6 +111,7 @@ def train_unet(mp, latents, scene_idx, contexts, empty, minutes, max_steps, seed
     bm = mp.model
     net = bm.diffusion_model
     net.train()
+    net.requires_grad_(True)  # on ComfyUI 0.30.0 they come frozen: the loss had no graph
     sigmas = bm.model_sampling.sigmas.float()
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
     opt = torch.optim.AdamW(net.parameters(), lr, weight_decay=0.0)
