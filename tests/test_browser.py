@@ -38,7 +38,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1600,1000")
+                  "--window-size=1600,1400")  # tall enough for the viewer's grid and Forget Train (Advanced)
 VIEWER = "FMN_AttentionMapViewer"
 WORDS = ["star", "style", "neon"]  # the content words of the workflow's "a star in the style of neon"
 MODELS = ["before", "after"]
@@ -177,15 +177,17 @@ def ui_message(server: ComfyServer, frontend: WebDriver) -> list[dict]:
     return entry["outputs"][viewer_id]["fmn_attention"]
 
 
-def save_node_picture(browser: WebDriver, screenshot: Path, out: Path, node_type: str = VIEWER) -> None:
+def save_node_picture(browser: WebDriver, screenshot: Path, out: Path, node_type: str = VIEWER, whole: bool = True) -> None:
     """One node alone, cut from the screenshot: docs/nodes.md's picture of the viewer
-    (docs/attention_map_viewer.png is a copy) and the help pages' pictures."""
+    (docs/attention_map_viewer.png is a copy) and the help pages' pictures, which must show
+    the whole node (`whole`)."""
     from PIL import Image
     left, top, width, height, ratio = browser.execute_script(NODE_RECT_JS, node_type)
     with Image.open(screenshot) as image:
         box = [round(v * ratio) for v in (left - 4, top - 4, left + width + 4, top + height + 4)]
-        assert box[2] <= image.width and box[3] <= image.height, f"{node_type} runs off the page: {box}, {image.size}"
-        image.crop((max(box[0], 0), max(box[1], 0), box[2], box[3])).save(out)
+        assert not whole or (box[2] <= image.width and box[3] <= image.height), \
+            f"{node_type} runs off the page: {box}, {image.size}"
+        image.crop((max(box[0], 0), max(box[1], 0), min(box[2], image.width), min(box[3], image.height))).save(out)
 
 
 def wait_for_grid(server: ComfyServer, browser: WebDriver) -> dict:
@@ -305,7 +307,8 @@ def test_forget_train_shows_its_verdict_on_the_node(server: ComfyServer, fronten
     assert report["verdict"].startswith("erased ")
     screenshot = ARTIFACTS / "forget_train_verdict_screen.png"
     frontend.save_screenshot(str(screenshot))
-    save_node_picture(frontend, screenshot, ARTIFACTS / "forget_train_verdict.png", "FMN_ForgetTrain")
+    # the node's top, with the verdict: its report image below makes it taller than any window
+    save_node_picture(frontend, screenshot, ARTIFACTS / "forget_train_verdict.png", "FMN_ForgetTrain", whole=False)
 
 
 def test_console_has_no_errors_or_warnings(browser: WebDriver, ui_message: list[dict]) -> None:
@@ -317,7 +320,6 @@ def test_console_has_no_errors_or_warnings(browser: WebDriver, ui_message: list[
 # --- each node on the canvas, and its help page from the node library ----------------------
 
 DOCS = REPO / "web" / "docs"
-TALL_WINDOW = 1400  # window height for the node pictures: Forget Train (Advanced) is taller than 1000
 PACK_NODES_JS = """return Object.keys(window.LiteGraph.registered_node_types).filter(t => t.startsWith('FMN_')).sort()
   .map(t => [t, window.LiteGraph.registered_node_types[t].title])"""
 # The nodes already on the canvas are removed one by one rather than by graph.clear(): 1.47's
@@ -394,12 +396,7 @@ def test_each_node_draws_on_an_empty_canvas(server: ComfyServer, frontend: WebDr
     assert pack_nodes == NODE_DISPLAY_NAME_MAPPINGS, pack_nodes
     folder = ARTIFACTS / "nodes"
     folder.mkdir(parents=True, exist_ok=True)
-    size = frontend.get_window_size()
-    frontend.set_window_size(size["width"], TALL_WINDOW)
-    try:
-        draw_each_node(server, frontend, pack_nodes, folder)
-    finally:
-        frontend.set_window_size(size["width"], size["height"])
+    draw_each_node(server, frontend, pack_nodes, folder)
 
 
 def draw_each_node(server: ComfyServer, frontend: WebDriver, pack_nodes: dict[str, str], folder: Path) -> None:
