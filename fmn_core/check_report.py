@@ -11,6 +11,7 @@ COLLATERAL_WARNING = 0.5
 
 
 TIMINGS = ("check_seconds", "train_seconds")  # measured, never written into a patch
+WATCHED = ("watched", "collateral_watched")
 
 
 @dataclass
@@ -38,6 +39,10 @@ class CheckReport:
     ordinary_prompts: list[str] = field(default_factory=list)
     timesteps: list[int] = field(default_factory=list)  # the noise levels, low to high
     check_seed: int = 0
+    # With a watch list only (absent from the header without one): per watched concept and
+    # over all of them, the RMS change of their prompts relative to the concept prompts' own.
+    watched: dict[str, float] | None = None
+    collateral_watched: float | None = None
     check_seconds: float = 0.0
     train_seconds: float = 0.0
 
@@ -47,7 +52,7 @@ class CheckReport:
 
     def to_json(self) -> str:
         """The header's copy: without the seconds, so the same seed writes the same file."""
-        fields = {k: v for k, v in asdict(self).items() if k not in TIMINGS}
+        fields = {k: v for k, v in asdict(self).items() if k not in TIMINGS and not (k in WATCHED and v is None)}
         return json.dumps(fields, allow_nan=False)
 
     @classmethod
@@ -86,6 +91,10 @@ def warnings(report: CheckReport) -> list[str]:
     if report.collateral_relative > COLLATERAL_WARNING:
         out.append(f"other prompts moved {report.collateral_relative:.0%} as far as the concept's "
                    f"(most: '{report.worst_word}'): add what must stay to keep, or lower learning_rate or steps")
+    moved = [name for name, v in (report.watched or {}).items() if v > COLLATERAL_WARNING]
+    if moved:
+        out.append(f"watched {', '.join(moved)} moved over {COLLATERAL_WARNING:.0%} as far as the concept's: add "
+                   "them to keep, or lower learning_rate or steps")
     return out
 
 
@@ -100,6 +109,9 @@ def table(report: CheckReport) -> str:
     lines.append(f"collateral: RMS change {report.collateral:.4f} (per level {', '.join(f'{v:.4f}' for v in report.collateral_by_level)}),"
                  f" {report.collateral_relative:.1%} of the concept's; largest change of a word's attention "
                  f"{report.worst_word_change:.1%} ('{report.worst_word}')")
+    if report.watched:
+        lines.append(f"watched: {report.collateral_watched:.1%} of the concept's change over all ("
+                     + ", ".join(f"{name} {v:.1%}" for name, v in report.watched.items()) + ")")
     lines.append("checks: " + "; ".join(f"step {h['step']}: " + ", ".join(f"{e:.2f}" for e in h["erasure"])
                                          for h in report.history))
     lines.append(f"held out: {len(report.held_out_prompts)} concept prompts, {len(report.ordinary_prompts)} other "

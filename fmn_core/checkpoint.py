@@ -31,7 +31,7 @@ STATE_SUFFIX = ".fmn-state"
 FORMAT = "forget-me-not-state/1"
 # Config fields a resumed run may change: how long it runs and how it saves memory (neither
 # changes what is trained). Every other field must match.
-FREE_FIELDS = ("steps", "precision", "gradient_checkpointing")
+FREE_FIELDS = ("steps", "precision", "gradient_checkpointing", "watch")  # watch: measured, never trained on
 # Settings added after the state format: a state without one was written by a run that had
 # this value (the behaviour of the time), so it resumes when the inputs say the same and is
 # refused, naming the setting, when they do not.

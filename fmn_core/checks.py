@@ -100,12 +100,22 @@ def ordinary_prompts(keep: tuple[str, ...], concepts: list[Concept], clip) -> li
     without any that contain a forgotten concept's words (their change is intended)."""
     preserve = [p for p in preserve_prompts() if p]
     step = max(1, len(preserve) // ORDINARY_PROMPTS)
+    return _unmentioned(preserve[::step][:ORDINARY_PROMPTS] + keep_prompts(keep), concepts, clip)
+
+
+def watched_prompts(watch: tuple[str, ...], concepts: list[Concept], clip) -> list[str]:
+    """The watched concepts' prompts (the keep list's templates), without any that contain a
+    forgotten concept's words: concepts the user cares about, measured but not trained on."""
+    return _unmentioned(keep_prompts(watch), concepts, clip)
+
+
+def _unmentioned(prompts: list[str], concepts: list[Concept], clip) -> list[str]:
     special = SpecialTokens(**host.special_tokens(clip))
     needles = [content_tokens(host.tokenize(clip, c.text), special) for c in concepts]
 
     def mentions(prompt: str) -> bool:
         return any(concept_positions(host.tokenize(clip, prompt), n, special) for n in needles if n)
-    return [p for p in preserve[::step][:ORDINARY_PROMPTS] + keep_prompts(keep) if not mentions(p)]
+    return [p for p in prompts if not mentions(p)]
 
 
 def _noisy(sampling, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,20 +133,37 @@ def _x0(latents: torch.Tensor | None, shape: tuple[int, ...], index: int, genera
 
 
 @dataclass
+class PromptSet:
+    """Prompts measured before training and at its end, each at every check level."""
+
+    prompts: list[str]
+    items: list[Item]
+    x: torch.Tensor                 # (prompts * levels, C, H, W)
+    sigma: torch.Tensor             # (prompts * levels,)
+
+
+@dataclass
 class CheckMaterial:
-    """Everything the checks measure on, built before training."""
+    """Everything the checks measure on, built before training: the concepts' held-out
+    prompts, the ordinary prompts (collateral) and the watched concepts' prompts."""
 
     concepts: list[ConceptItems]
-    ordinary: list[Item]
-    ordinary_prompts: list[str]
-    ordinary_x: torch.Tensor
-    ordinary_sigma: torch.Tensor
+    ordinary: PromptSet
+    watched: dict[str, PromptSet]   # per watched concept
+
+
+def _prompt_set(clip, prompts: list[str], sampling, shape: tuple[int, ...], generator: torch.Generator) -> PromptSet:
+    xs = [_noisy(sampling, _x0(None, shape, 0, generator), generator) for _ in prompts]
+    return PromptSet(prompts, [_item(clip, p, None) for p in prompts],
+                     torch.cat([x for x, _ in xs]) if xs else torch.zeros(0),
+                     torch.cat([s for _, s in xs]) if xs else torch.zeros(0))
 
 
 def material(clip, concepts: list[Concept], keep: tuple[str, ...], sampling, shape: tuple[int, ...],
-             latents: dict[int, torch.Tensor] | None = None) -> CheckMaterial:
-    """Held-out prompts, their anchors and the ordinary prompts, encoded by the original
-    encoder, and their noisy latents from the check seed."""
+             latents: dict[int, torch.Tensor] | None = None, watch: tuple[str, ...] = ()) -> CheckMaterial:
+    """Held-out prompts, their anchors, the ordinary and the watched prompts, encoded by the
+    original encoder, and their noisy latents from the check seed (the watched prompts'
+    drawn last, so a watch list leaves every other check's draws as they were)."""
     generator = torch.Generator().manual_seed(CHECK_SEED)
     per_concept = []
     for index, concept in enumerate(concepts):
@@ -148,11 +175,10 @@ def material(clip, concepts: list[Concept], keep: tuple[str, ...], sampling, sha
             [_item(clip, p, concept.text) for p in prompts],
             [_item(clip, a, None) for a in check.anchor_prompts()],
             torch.cat([x for x, _ in xs]), torch.cat([s for _, s in xs])))
-    names = ordinary_prompts(keep, concepts, clip)
-    ordinary = [_item(clip, p, None) for p in names]
-    xs = [_noisy(sampling, _x0(None, shape, 0, generator), generator) for _ in ordinary]
-    return CheckMaterial(per_concept, ordinary, names, torch.cat([x for x, _ in xs]) if xs else torch.zeros(0),
-                         torch.cat([s for _, s in xs]) if xs else torch.zeros(0))
+    ordinary = _prompt_set(clip, ordinary_prompts(keep, concepts, clip), sampling, shape, generator)
+    watched = {name: _prompt_set(clip, watched_prompts((name,), concepts, clip), sampling, shape, generator)
+               for name in watch}
+    return CheckMaterial(per_concept, ordinary, {name: w for name, w in watched.items() if w.prompts})
 
 
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -187,12 +213,13 @@ class SelfCheck:
         self.every, self.patched_context = every, patched_context
         self.report = CheckReport([c.text for c in stuff.concepts], [c.anchor for c in stuff.concepts], target, budget,
                                   history=list(earlier), held_out_prompts=[p for c in stuff.concepts for p in c.prompts],
-                                  ordinary_prompts=stuff.ordinary_prompts, timesteps=list(CHECK_TIMESTEPS),
+                                  ordinary_prompts=stuff.ordinary.prompts, timesteps=list(CHECK_TIMESTEPS),
                                   check_seed=CHECK_SEED)
         with self._timed(), self.original():
             self.before = [self._concept(c, i, patched=False) for i, c in enumerate(stuff.concepts)]
             self.anchors = [self._run(c.anchors, c.x, c.sigma) for c in stuff.concepts]
-            self.ordinary_before = self._run(stuff.ordinary, stuff.ordinary_x, stuff.ordinary_sigma)
+            self.ordinary_before = self._measure(stuff.ordinary)
+            self.watched_before = {name: self._measure(w) for name, w in stuff.watched.items()}
         self.after: list[Measured] = []
 
     @contextlib.contextmanager
@@ -223,6 +250,9 @@ class SelfCheck:
         if not predictions:
             return Measured(torch.zeros(0), torch.zeros(0))
         return Measured(torch.cat(predictions), torch.cat(shares))
+
+    def _measure(self, prompts: PromptSet) -> Measured:
+        return self._run(prompts.items, prompts.x, prompts.sigma)
 
     def _concept(self, c: ConceptItems, index: int, patched: bool) -> Measured:
         items = c.items
@@ -262,7 +292,9 @@ class SelfCheck:
         if not report.history or report.history[-1]["step"] != step:
             self.check(step)
         with self._timed():
-            ordinary_after = self._run(self.stuff.ordinary, self.stuff.ordinary_x, self.stuff.ordinary_sigma)
+            ordinary_after = self._measure(self.stuff.ordinary)
+            watched_change = {name: self._measure(w).predictions - self.watched_before[name].predictions
+                              for name, w in self.stuff.watched.items()}
         report.erasure_by_level = [[round(v, 4) for v in self._erasure(i)[1]] for i in range(len(self.after))]
         concept_change = torch.cat([(a.predictions - b.predictions).flatten() for a, b in zip(self.after, self.before)])
         report.collateral_by_level, report.collateral = _rms_change(ordinary_after.predictions,
@@ -272,7 +304,9 @@ class SelfCheck:
         report.concept_share_before = [_column_share(m.shares, c.items) for m, c in zip(self.before, self.stuff.concepts)]
         report.concept_share_after = [_column_share(m.shares, c.items) for m, c in zip(self.after, self.stuff.concepts)]
         report.worst_word_change, report.worst_word = _worst_word(self.ordinary_before.shares, ordinary_after.shares,
-                                                                   self.stuff.ordinary, report.ordinary_prompts)
+                                                                   self.stuff.ordinary.items, report.ordinary_prompts)
+        if watched_change:
+            _watched(report, watched_change, concept_rms)
         report.train_seconds = train_seconds
         self._check_finite("the final check", torch.tensor([report.collateral, report.worst_word_change]))
         _round(report)
@@ -306,6 +340,16 @@ def _rms_change(after: torch.Tensor, before: torch.Tensor) -> tuple[list[float],
     change = (after - before).double().reshape(-1, len(CHECK_TIMESTEPS), *after.shape[1:])
     per_level = change.transpose(0, 1).flatten(1).pow(2).mean(1).sqrt()
     return [float(v) for v in per_level], float(change.pow(2).mean().sqrt())
+
+
+def _watched(report: CheckReport, change: dict[str, torch.Tensor], concept_rms: float) -> None:
+    """Each watched concept's RMS change, and all of theirs, relative to the concept prompts'
+    own: what collateral says about the concepts the user named rather than about a few
+    generic prompts."""
+    def relative(t: torch.Tensor) -> float:
+        return round(float(t.double().pow(2).mean().sqrt()) / concept_rms, 4) if concept_rms > 0 else 0.0
+    report.watched = {name: relative(c) for name, c in change.items()}
+    report.collateral_watched = relative(torch.cat([c.flatten() for c in change.values()]))
 
 
 def _column_share(shares: torch.Tensor, items: list[Item]) -> float:

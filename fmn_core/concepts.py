@@ -131,13 +131,14 @@ def _expand_presets(text: str) -> list[str]:
 KEEP_TEMPLATES = ("a photo of {}", "a painting of {}", "{}")
 
 
-def parse_keep(text: str, concepts: list[Concept]) -> tuple[str, ...]:
-    """The keep list (comma- or line-separated); none may also be forgotten."""
+def parse_keep(text: str, concepts: list[Concept], listed: str = "keep") -> tuple[str, ...]:
+    """The keep list, or the watch list (`listed`), comma- or line-separated; none may also
+    be forgotten."""
     items = tuple(dict.fromkeys(" ".join(k.split()) for k in re.split(r"[,\n]", text or "") if k.strip()))
     forgotten = {c.text.lower() for c in concepts}
     overlap = [k for k in items if k.lower() in forgotten]
     if overlap:
-        raise ValueError(f"{', '.join(overlap)}: in both the forget and the keep list; remove it from one of them")
+        raise ValueError(f"{', '.join(overlap)}: in both the forget and the {listed} list; remove it from one of them")
     return items
 
 

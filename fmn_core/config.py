@@ -40,6 +40,7 @@ class ForgetConfig:
     precision: str = "fp32"        # autocast: "fp32" (none), "bf16", "fp16" (memory.py)
     gradient_checkpointing: bool = False  # recompute UNet blocks in backward (memory.py)
     keep: tuple[str, ...] = ()     # concepts to keep (the preservation term); see `examples.build_examples`
+    watch: tuple[str, ...] = ()    # concepts measured, not trained on: the report says how far each moved (checks.py)
     warm_start: bool = True        # start from a closed-form K/V edit (modes/aimed.py `warm_start`); see `warm_starts`
     target: float = DEFAULT_TARGET  # stop once every concept's in-run erasure reaches it (checks.py); 0 = run all steps
     check_every: int = checks.DEFAULT_CHECK_EVERY  # steps between in-run checks

@@ -65,7 +65,7 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
     source = LatentSource({k: v.float() for k, v in (latents or {}).items()}, shape)
     sampling = host.model_sampling(patcher)
     trainee = mode.start(Run(patcher, clip, concepts, config, layers, generator, source, sampling, host.device()))
-    stuff = checks.material(clip, concepts, config.keep, sampling, shape, latents)
+    stuff = checks.material(clip, concepts, config.keep, sampling, shape, latents, config.watch)
 
     with torch.inference_mode(False):
         params = trainee.build()

@@ -51,6 +51,10 @@ TARGET_TOOLTIP = ("Stop once the run's own check says every concept is erased th
                   "prediction has moved this share of the way from the original's to the anchor prompt's (1 = all the "
                   "way; negative guidance aims past it). Checked every "
                   f"{DEFAULTS.check_every} steps, so steps is a budget. 0 = always run every step (still measured).")
+WATCH_TOOLTIP = ("Concepts to measure but not train on, comma- or line-separated (e.g. 'Monet, Picasso' when "
+                 "forgetting Van Gogh): the report says how far each one's prompts moved, as a share of how far the "
+                 "concept's own moved. Changes nothing in the patch. Empty: only the keep list and a few ordinary "
+                 "prompts are measured.")
 MODE_TOOLTIP = ("Which weights train. " + "; ".join(f"'{name}': {MODES[name].description}" for name in USER_MODES)
                 + ". (A workflow that names one of the benchmark's recipes still runs it.)")
 
@@ -115,16 +119,19 @@ class ForgetTrain:
                                                 "tooltip": NEGATIVE_GUIDANCE_TOOLTIP}),
                 "target": ("FLOAT", {"default": DEFAULTS.target, "min": 0.0, "max": MAX_TARGET, "step": 0.05,
                                      "tooltip": TARGET_TOOLTIP}),
+                "watch": ("STRING", {"multiline": True, "default": "", "tooltip": WATCH_TOOLTIP}),
             },
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, concepts=None, keep="", mode=DEFAULTS.mode, **_):
+    def VALIDATE_INPUTS(cls, concepts=None, keep="", mode=DEFAULTS.mode, watch="", **_):
         if isinstance(mode, str) and mode not in MODES:
             return f"unknown mode {mode!r}: use one of {', '.join(USER_MODES)}"
         if isinstance(concepts, str):
             try:
-                parse_keep(keep if isinstance(keep, str) else "", parse_concepts(concepts))
+                parsed = parse_concepts(concepts)
+                parse_keep(keep if isinstance(keep, str) else "", parsed)
+                parse_keep(watch if isinstance(watch, str) else "", parsed, "watch")
             except ValueError as e:
                 return str(e)
         return True
@@ -134,13 +141,15 @@ class ForgetTrain:
               resolution=DEFAULTS.resolution, output_weight=DEFAULTS.output_weight, keep="",
               save_every=0, checkpoint_name="forget_checkpoint", resume_from=NO_RESUME,
               precision=DEFAULTS.precision, gradient_checkpointing=DEFAULTS.gradient_checkpointing,
-              warm_start=DEFAULTS.warm_start, negative_guidance=DEFAULTS.negative_guidance, target=DEFAULTS.target):
+              warm_start=DEFAULTS.warm_start, negative_guidance=DEFAULTS.negative_guidance, target=DEFAULTS.target,
+              watch=""):
         parsed = parse_concepts(concepts)
         config = ForgetConfig(steps=steps, learning_rate=learning_rate, rank=rank, seed=seed, mode=mode,
                               batch_size=batch_size, include_end_token=include_end_token, resolution=resolution,
                               output_weight=output_weight, negative_guidance=negative_guidance,
                               keep=parse_keep(keep, parsed), precision=precision,
-                              gradient_checkpointing=gradient_checkpointing, warm_start=warm_start, target=target)
+                              gradient_checkpointing=gradient_checkpointing, warm_start=warm_start, target=target,
+                              watch=parse_keep(watch, parsed, "watch"))
         latents = latents_for_concepts(model, parsed, images=images, vae=vae, latent=latent)
         result = forget(model, clip, parsed, config, latents, progress=host.Progress(steps),
                         checkpoints=checkpoints(FOLDER, save_every, checkpoint_name), resume=resume_path(FOLDER, resume_from))

@@ -16,6 +16,7 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # The frontend adds a "control after generate" widget to INT inputs with these names
 # unless the definition says otherwise.
 SEED_NAMES = {"seed", "noise_seed"}
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}  # a control_after_generate widget's choices
 # Frontend-only nodes: never sent to the server.
 NOTE_TYPES = {"Note", "MarkdownNote"}
 REROUTE = "Reroute"
@@ -57,6 +58,16 @@ def widget_names(node_def: dict) -> list[str | None]:
             if _has_control_widget(name, kind, options):
                 names.append(None)
     return names
+
+
+def _added_widget_defaults(node_def: dict, missing: list[str | None]) -> list[Any]:
+    """Defaults of the trailing widgets a workflow saved before the node gained them lacks,
+    as the frontend fills them in; none when any of them is required or has no default."""
+    optional = node_def["input"].get("optional", {})
+    specs = [optional.get(name, [None])[1:] for name in missing]
+    if any(not spec or "default" not in spec[0] for spec in specs):
+        return []
+    return [spec[0]["default"] for spec in specs]
 
 
 def _links(workflow: dict) -> dict[int, Link]:
@@ -103,9 +114,13 @@ def _convert_node(node: dict, node_def: dict, links: dict[int, Link], nodes: dic
 
     layout = widget_names(node_def)
     values = node.get("widgets_values", [])
+    values = values + _added_widget_defaults(node_def, layout[len(values):])
     if len(values) != len(layout):
-        raise WorkflowError(f"node {node['id']} ({node['type']}) has {len(values)} widget values, its definition "
-                            f"expects {len(layout)}: {layout}")
+        raise WorkflowError(f"node {node['id']} ({node['type']}) has {len(node.get('widgets_values', []))} widget "
+                            f"values, its definition expects {len(layout)}: {layout}")
+    if any(name is None and value not in CONTROL_VALUES for name, value in zip(layout, values)):
+        raise WorkflowError(f"node {node['id']} ({node['type']}) has widget values out of line with its definition "
+                            f"{layout}: {values}")
     for name, value in zip(layout, values):
         if name is not None and name not in inputs:
             inputs[name] = value

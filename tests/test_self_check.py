@@ -26,12 +26,12 @@ def sd1():
 
 
 @contextlib.contextmanager
-def measuring(model, clip, patched_context=None, concepts=CONCEPTS, keep=()):
+def measuring(model, clip, patched_context=None, concepts=CONCEPTS, keep=(), watch=()):
     """A SelfCheck on `model` as a run builds it: a clone with the routed attn2 hooks, its
     forward, and the original model's predictions taken at construction."""
     parsed = parse_concepts(concepts)
     shape = (model.model.diffusion_model.in_channels, RESOLUTION // 8, RESOLUTION // 8)
-    stuff = checks.material(clip, parsed, keep, host.model_sampling(model), shape)
+    stuff = checks.material(clip, parsed, keep, host.model_sampling(model), shape, watch=watch)
     route = Routed(ColumnEnergy())
     clone = model.clone()
     host.register_attn2(clone, host.attn2_layers(clone), lambda layer, prev: make_attn2_replace(layer.module, route, prev))
@@ -42,10 +42,11 @@ def measuring(model, clip, patched_context=None, concepts=CONCEPTS, keep=()):
 @pytest.mark.parametrize("inference", [True, False], ids=["inference mode", "outside it"])
 def test_an_unchanged_model_reads_no_erasure_and_no_collateral(sd1, inference):
     model, clip = sd1
-    with torch.inference_mode(inference), measuring(model, clip) as check:
+    with torch.inference_mode(inference), measuring(model, clip, watch=("monet",)) as check:
         check.check(1)
         report = check.finish(1, 0.0)
     assert report.erasure == [0.0] and report.erasure_by_level == [[0.0, 0.0, 0.0]]
+    assert report.watched == {"monet": 0.0} and report.collateral_watched == 0.0
     assert report.collateral == 0.0 and report.collateral_relative == 0.0 and report.worst_word_change == 0.0
     assert report.concept_share_before == report.concept_share_after and report.concept_share_before[0] > 0
 
@@ -86,6 +87,38 @@ def test_collateral_prompts_leave_out_those_that_name_a_forgotten_concept(sd1):
     prompts = checks.ordinary_prompts(("zebra",), concepts, clip)
     assert prompts and not any("cat" in p.split(", ") or " cat" in p for p in prompts)
     assert any("zebra" in p for p in prompts)  # the keep list's own prompts are measured
+
+
+def test_a_watch_list_is_measured_and_changes_nothing_else(sd1):
+    """Watched concepts are measured, never trained on: the patch, the other figures and the
+    header but for the report's watched figures are those of the same run without them; a
+    watched prompt that names the forgotten concept is left out, as collateral's are."""
+    model, clip = sd1
+    plain = run(model, clip, steps=4, check_every=2, target=0.0)
+    watched = run(model, clip, steps=4, check_every=2, target=0.0, watch=("monet", "a van gogh chair", "zebra"))
+    assert all(torch.equal(plain.lora[k], watched.lora[k]) for k in plain.lora)
+    assert {k for k in plain.metadata if plain.metadata[k] != watched.metadata[k]} == {check_report.REPORT_KEY}
+    assert dataclasses.replace(as_written(watched.report), watched=None, collateral_watched=None) == as_written(plain.report)
+    assert "watched" not in json.loads(plain.metadata[check_report.REPORT_KEY]), "a run without a watch list writes no watched figures"
+    assert list(watched.report.watched) == ["monet", "zebra"] and all(v > 0 for v in watched.report.watched.values())
+    assert min(watched.report.watched.values()) <= watched.report.collateral_watched <= max(watched.report.watched.values())
+    assert "watched: " in check_report.table(watched.report)
+    [back] = check_report.reports_in(watched.metadata)
+    assert back.watched == watched.report.watched
+
+
+def test_a_watched_concept_that_moved_far_is_named_in_a_warning():
+    report = check_report.CheckReport(["van gogh"], [""], 1.0, 10, steps=10, met=True, erasure=[1.0],
+                                      watched={"monet": check_report.COLLATERAL_WARNING + 0.1, "zebra": 0.01},
+                                      collateral_watched=0.3)
+    [warning] = check_report.warnings(report)
+    assert "monet" in warning and "zebra" not in warning and "keep" in warning
+
+
+def test_a_concept_both_forgotten_and_watched_is_refused_by_name():
+    from fmn_pack.nodes import NODE_CLASS_MAPPINGS
+    refusal = NODE_CLASS_MAPPINGS["FMN_ForgetTrain"].VALIDATE_INPUTS(concepts="Van Gogh | style", watch="Monet, van gogh")
+    assert refusal == "van gogh: in both the forget and the watch list; remove it from one of them"
 
 
 def run(model, clip, concepts=CONCEPTS, **overrides):

@@ -40,7 +40,8 @@ NODE_CONTRACT = {
         {"images": "IMAGE", "vae": "VAE", "latent": "LATENT", "mode": "COMBO", "include_end_token": "BOOLEAN",
          "batch_size": "INT", "resolution": "INT", "output_weight": "FLOAT", "keep": "STRING",
          "save_every": "INT", "checkpoint_name": "STRING", "resume_from": "COMBO", "precision": "COMBO",
-         "gradient_checkpointing": "BOOLEAN", "warm_start": "BOOLEAN", "negative_guidance": "FLOAT", "target": "FLOAT"},
+         "gradient_checkpointing": "BOOLEAN", "warm_start": "BOOLEAN", "negative_guidance": "FLOAT", "target": "FLOAT",
+         "watch": "STRING"},
         ["MODEL", "FORGET_PATCH", "IMAGE", "CLIP", "IMAGE", "STRING"], False),
     "FMN_ApplyForgetPatch": ({"model": "MODEL", "patch": "FORGET_PATCH", "strength": "FLOAT"}, {"clip": "CLIP"},
                              ["MODEL", "CLIP"], False),
@@ -349,6 +350,7 @@ def test_workflows_saved_with_the_old_forget_train_still_load(object_info: dict,
     (train,) = nodes_of(prompt, "FMN_ForgetTrain")
     saved = [n for n in workflow["nodes"] if n["type"] == "FMN_ForgetTrain"][0]["widgets_values"]
     assert train["inputs"]["concepts"] == saved[0] and train["inputs"]["target"] == saved[-1]
+    assert train["inputs"]["watch"] == "", "the input added since (watch) takes its default, as the frontend fills it"
     specs = object_info["FMN_ForgetTrain"]["input"]
     for key, value in train["inputs"].items():
         spec = {**specs["required"], **specs.get("optional", {})}[key]
