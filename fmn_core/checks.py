@@ -308,7 +308,8 @@ class SelfCheck:
         if watched_change:
             _watched(report, watched_change, concept_rms)
         report.train_seconds = train_seconds
-        self._check_finite("the final check", torch.tensor([report.collateral, report.worst_word_change]))
+        self._check_finite("the final check", torch.tensor([report.collateral, report.worst_word_change,
+                                                            *(report.watched or {}).values()]))
         _round(report)
         return report
 
