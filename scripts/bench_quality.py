@@ -66,7 +66,7 @@ from quality.recovery import inversion_report, recovery_attack, remeasure_invers
 from quality.report import add_self_check, merge_results, rewrite_report, write_report  # noqa: E402
 from quality.runs import (IMAGES_PER_CONCEPT, MULTI_CONCEPT_ONLY, OUT, RECIPES, SEEDS_IDENTITY, SEEDS_SCENE,  # noqa: E402
                           fused_results, one_run, precise_entry, rates, runs, score, self_check_entry)
-from quality.self_check import self_check_study  # noqa: E402
+from quality.self_check import remeasure_watched, self_check_study  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -103,6 +103,10 @@ def main(argv=None) -> None:
                          "in-run report and oracle figures into the existing --out's 'self_check' section as soon as "
                          "it is measured, with the agreement (rank correlations) and early stopping's rows "
                          "recomputed; pairs it already holds are skipped, so an interrupted study continues")
+    ap.add_argument("--remeasure-watched", action="store_true",
+                    help="with --self-check: the runs --out's study holds without watched figures trained again "
+                         "with the world's other concepts watched (the patch is the same, so the oracle's figures "
+                         "stand; a run whose in-run figures do not reproduce is left as it was)")
     ap.add_argument("--only-anchor-floor", action="store_true",
                     help="measure only how often the original model draws each object for the object anchor's prompts, "
                          "into the existing --out")
@@ -147,6 +151,8 @@ def main(argv=None) -> None:
         report = json.loads(Path(args.out).read_text())
         report["anchor_floor"] = anchor_floor(toy, oracle_net, seeds[0])
         return rewrite_report(report, Path(args.out))
+    if args.self_check and args.remeasure_watched:
+        return remeasure_watched(toy, Path(args.out), all_runs, args.seed)
     if args.self_check:
         return self_check_study(toy, oracle_net, {r: all_runs[r] for r in chosen}, recipes, seeds, args.seed,
                                 Path(args.out), all_runs)

@@ -64,6 +64,7 @@ def agreement(results: list[dict]) -> dict:
         "spearman_collateral_relative": round(spearman([r["self_check"]["collateral_relative"] for r in runs], lost), 4),
         "spearman_collateral": round(spearman([r["self_check"]["collateral"] for r in runs], lost), 4),
         **confidence_agreement(runs),
+        **watched_agreement(runs),
         **oracle_retest(runs),
         "targets": {"erasure": 0.8, "collateral": 0.7},
         "oracle_by_erasure": by_band(runs, lambda r: min(r["self_check"]["erasure"]), ERASURE_BANDS,
@@ -83,6 +84,22 @@ def confidence_agreement(runs: list[dict]) -> dict:
             "spearman_collateral_relative_confidence":
                 round(spearman([r["self_check"]["collateral_relative"] for r in runs], lost), 4),
             "spearman_collateral_confidence": round(spearman([r["self_check"]["collateral"] for r in runs], lost), 4)}
+
+
+def watched_agreement(runs: list[dict]) -> dict:
+    """Collateral on the watched concepts (the world's others: what the oracle's kept counts)
+    against 1 - kept and 1 - kept_confidence, over the runs that watched them."""
+    runs = [r for r in runs if "collateral_watched" in r["self_check"]]
+    if not runs:
+        return {}
+    watched = [r["self_check"]["collateral_watched"] for r in runs]
+    out = {"runs_watched": len(runs),
+           "spearman_collateral_watched": round(spearman(watched, [1 - min(1.0, r["kept"]) for r in runs]), 4)}
+    confident = [r for r in runs if "kept_confidence" in r]
+    if confident:
+        out["spearman_collateral_watched_confidence"] = round(spearman(
+            [r["self_check"]["collateral_watched"] for r in confident], [1 - r["kept_confidence"] for r in confident]), 4)
+    return out
 
 
 def oracle_retest(runs: list[dict]) -> dict:

@@ -72,7 +72,8 @@ def self_check_entry(report) -> dict:
             "collateral": report.collateral, "collateral_relative": report.collateral_relative,
             "worst_word_change": report.worst_word_change, "steps": report.steps, "budget": report.budget,
             "met": report.met, "history": report.history, "check_seconds": report.check_seconds,
-            "train_seconds": report.train_seconds}
+            "train_seconds": report.train_seconds,
+            **({"collateral_watched": report.collateral_watched, "watched": report.watched} if report.watched else {})}
 
 
 def harmonic(erased_after: float, kept: float) -> float:
@@ -89,9 +90,12 @@ def precise_erasure(toy_model, toy, oracle_net, forgotten: list[str], clip=None)
     return sum(found[c] for c in forgotten) / len(forgotten)
 
 
-def one_run(toy, lines: list[str], recipe: dict, seed: int, images_of: list[str] | None = None) -> dict:
+def one_run(toy, lines: list[str], recipe: dict, seed: int, images_of: list[str] | None = None,
+            watch_rest: bool = False) -> dict:
     """Train one patch the way the Forget Train node does; time it and size its file.
-    Each line is given images of its own concept, or of the concept `images_of` names."""
+    Each line is given images of its own concept, or of the concept `images_of` names.
+    `watch_rest`: the world's concepts the run does not forget are its watch list, so its
+    report measures collateral on what the oracle's kept counts (the patch is the same)."""
     import torch
     from fmn_pack.fmn_core import concepts as fmn_concepts, host, patch as fmn_patch, train
     from fmn_pack.toybench import world
@@ -99,6 +103,8 @@ def one_run(toy, lines: list[str], recipe: dict, seed: int, images_of: list[str]
     concepts = fmn_concepts.parse_concepts("\n".join(lines))
     if recipe.get("keep") == KEEP_REST:
         recipe = {**recipe, "keep": tuple(c for c in world.CONCEPTS if c not in {x.text for x in concepts})}
+    if watch_rest:
+        recipe = {**recipe, "watch": tuple(c for c in world.CONCEPTS if c not in {x.text for x in concepts})}
     config = train.ForgetConfig(seed=seed, resolution=32, **recipe)
     with torch.inference_mode():
         shown = images_of or [c.text for c in concepts]

@@ -26,13 +26,13 @@ def self_check_study(toy, oracle_net, chosen: dict, recipes: dict, seeds, seed: 
     else:
         base_parts = [confidences(toy[0], toy, oracle_net, part) for part in parts]
     base, base_confidence = mean_scores(base_parts)
-    plot = OUT / "self_check.png" if out == OUT / "quality.json" else out.with_suffix(".png")
+    plot = plot_of(out)
     for recipe_name, recipe in recipes.items():
         for run_name, lines in chosen.items():
             if (recipe_name in MULTI_CONCEPT_ONLY and len(lines) == 1) or (run_name, recipe_name) in done:
                 continue
             forgotten = [line.split("|")[0].strip() for line in lines]
-            trained = one_run(toy, lines, recipe, seed)
+            trained = one_run(toy, lines, recipe, seed, watch_rest=True)
             after_parts = [confidences(trained["patched"], toy, oracle_net, part, clip=trained["clip"]) for part in parts]
             after, after_confidence = mean_scores(after_parts)
             entry = {"run": run_name, "recipe": recipe_name, "settings": recipe,
@@ -57,6 +57,49 @@ def self_check_study(toy, oracle_net, chosen: dict, recipes: dict, seeds, seed: 
                   f"{entry['self_check']['collateral_relative']:.3f} steps {entry['self_check']['steps']} | spearman "
                   f"{report['self_check']['spearman_erasure']:.2f} / {report['self_check']['spearman_collateral_relative']:.2f}"
                   f" / {report['self_check']['spearman_collateral_relative_confidence']:.2f}", flush=True)
+
+
+def plot_of(out: Path) -> Path:
+    """The study's scatter plot beside its report (the shipped report's is bench/self_check.png)."""
+    return OUT / "self_check.png" if out == OUT / "quality.json" else out.with_suffix(".png")
+
+
+# How far a retrained run's in-run figures may differ from the stored ones (float rounding of
+# the batched checks) and still be the same patch: the stop step must match exactly.
+SAME_RUN_TOLERANCE = 2e-4
+
+
+def remeasure_watched(toy, out: Path, all_runs: dict, seed: int) -> None:
+    """`--self-check --remeasure-watched`: each run the study holds without watched figures
+    trained again with the world's other concepts as its watch list. A watch list changes
+    nothing in the patch, so the oracle's figures stand; the retrained run must reproduce
+    the stored in-run figures (steps, every check's erasure, collateral) to prove it, and a
+    run that does not is left as it was and named."""
+    report = json.loads(out.read_text())
+    for entry in report["self_check"]["runs"]:
+        stored = entry["self_check"]
+        if "collateral_watched" in stored:
+            continue
+        fresh = self_check_entry(one_run(toy, all_runs[entry["run"]], entry["settings"], seed, watch_rest=True)["result"].report)
+        if not same_run(stored, fresh):
+            print(f"{entry['run']:22s} {entry['recipe']:26s} NOT the stored run: steps {stored['steps']} vs "
+                  f"{fresh['steps']}, collateral {stored['collateral']} vs {fresh['collateral']}; left as it was", flush=True)
+            continue
+        stored.update(collateral_watched=fresh["collateral_watched"], watched=fresh["watched"])
+        add_self_check(report, all_runs, plot_of(out))
+        rewrite_report(report, out)
+        print(f"{entry['run']:22s} {entry['recipe']:26s} kept {entry['kept']:.4f} collateral {stored['collateral_relative']:.4f}"
+              f" watched {stored['collateral_watched']:.4f} | spearman watched "
+              f"{report['self_check'].get('spearman_collateral_watched', float('nan')):.2f}", flush=True)
+
+
+def same_run(stored: dict, fresh: dict) -> bool:
+    """Whether two in-run reports come from the same patch (see SAME_RUN_TOLERANCE)."""
+    checks = [(a["step"], b["step"], x, y) for a, b in zip(stored["history"], fresh["history"])
+              for x, y in zip(a["erasure"], b["erasure"])]
+    return (stored["steps"] == fresh["steps"] and len(stored["history"]) == len(fresh["history"])
+            and all(sa == sb and abs(x - y) <= SAME_RUN_TOLERANCE for sa, sb, x, y in checks)
+            and abs(stored["collateral"] - fresh["collateral"]) <= SAME_RUN_TOLERANCE)
 
 
 def seed_halves(seeds: tuple[list[int], list[int]]) -> list[tuple[list[int], list[int]]]:
