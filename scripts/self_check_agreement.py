@@ -152,31 +152,36 @@ def early_stopping(results: list[dict], singles: list[str]) -> dict:
 
 
 def scatter(results: list[dict], path: Path) -> None:
-    """Two panels: in-run erasure against the oracle's erased share, in-run relative
-    collateral against the oracle's 1 - kept; one dot per run, coloured by recipe."""
+    """Panels: in-run erasure against the oracle's erased share, in-run relative collateral
+    against the oracle's 1 - kept, and (over the runs that watched the world's other
+    concepts) the watched collateral against 1 - kept; one dot per run, coloured by recipe."""
     from PIL import Image, ImageDraw
 
     runs = measured_runs(results)
     recipes = sorted({r["recipe"] for r in runs})
     palette = [(230, 120, 60), (90, 160, 230), (120, 200, 120), (220, 200, 80), (200, 110, 200), (160, 160, 160),
                (90, 220, 210), (240, 90, 120), (150, 120, 240)]
-    width, height, pad = 900, 470, 60
+    panels = [("in-run erasure", "oracle: erased share", lambda r: r["self_check"]["erasure_mean"], oracle_erased),
+              ("in-run collateral (relative)", "oracle: 1 - kept",
+               lambda r: r["self_check"]["collateral_relative"], lambda r: 1 - min(1.0, r["kept"]))]
+    if any("collateral_watched" in r["self_check"] for r in runs):
+        panels.append(("in-run collateral, watched", "oracle: 1 - kept",
+                       lambda r: r["self_check"].get("collateral_watched"), lambda r: 1 - min(1.0, r["kept"])))
+    width, height, pad = 450 * len(panels), 470, 60
     image = Image.new("RGB", (width, height), (24, 24, 28))
     draw = ImageDraw.Draw(image)
-    panels = (("in-run erasure", "oracle: erased share", lambda r: r["self_check"]["erasure_mean"], oracle_erased),
-              ("in-run collateral (relative)", "oracle: 1 - kept",
-               lambda r: r["self_check"]["collateral_relative"], lambda r: 1 - min(1.0, r["kept"])))
-    side = (width - 3 * pad) // 2
+    side = (width - (len(panels) + 1) * pad) // len(panels)
     for p, (x_label, y_label, fx, fy) in enumerate(panels):
         left, top = pad + p * (side + pad), pad // 2
-        xs, ys = [fx(r) for r in runs], [fy(r) for r in runs]
+        shown = [r for r in runs if fx(r) is not None]
+        xs, ys = [fx(r) for r in shown], [fy(r) for r in shown]
         x0, x1 = min(xs + [0.0]), max(xs + [1e-9])
         y0, y1 = min(ys + [0.0]), max(ys + [1e-9])
         size = height - pad - top - 30
         draw.rectangle([left, top, left + side, top + size], outline=(110, 110, 120))
         draw.text((left, top + size + 6), f"{x_label}: {x0:.2f} .. {x1:.2f}", fill=(225, 225, 230))
         draw.text((left, top + size + 20), f"{y_label}: {y0:.2f} .. {y1:.2f} (up)", fill=(225, 225, 230))
-        for r, x, y in zip(runs, xs, ys):
+        for r, x, y in zip(shown, xs, ys):
             cx = left + (x - x0) / (x1 - x0) * side
             cy = top + size - (y - y0) / (y1 - y0) * size
             colour = palette[recipes.index(r["recipe"]) % len(palette)]
