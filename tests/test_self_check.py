@@ -255,3 +255,26 @@ def test_batched_check_forwards_measure_what_one_forward_per_prompt_does(sd1, mo
     for a, b in ((one, batched), (one_ordinary, batched_ordinary)):
         assert torch.allclose(a.predictions, b.predictions, rtol=1e-4, atol=1e-5)
         assert torch.allclose(a.shares, b.shares, rtol=1e-4, atol=1e-6)
+
+
+def test_the_study_takes_a_retrained_run_for_the_stored_one_only_when_its_figures_reproduce():
+    """--remeasure-watched keeps a stored run's oracle figures beside the retrained run's
+    watched figures only when the in-run figures show it is the same patch."""
+    from quality.self_check import SAME_RUN_TOLERANCE, same_run
+    stored = {"steps": 50, "collateral": 0.004, "history": [{"step": 25, "erasure": [0.9]}, {"step": 50, "erasure": [1.1]}]}
+    assert same_run(stored, json.loads(json.dumps(stored)))
+    assert same_run(stored, {**stored, "collateral": 0.004 + SAME_RUN_TOLERANCE / 2})
+    assert not same_run(stored, {**stored, "collateral": 0.0045})
+    assert not same_run(stored, {**stored, "steps": 75, "history": stored["history"] + [{"step": 75, "erasure": [1.2]}]})
+    assert not same_run(stored, {**stored, "history": [stored["history"][0], {"step": 50, "erasure": [1.01]}]})
+
+
+def test_the_agreement_ranks_watched_collateral_against_what_the_oracle_lost():
+    import self_check_agreement as agreement
+    runs = [{"run": str(i), "recipe": "r", "kept": 1 - loss, "erased_before": 1.0, "erased_after": 0.0,
+             "self_check": {"erasure_mean": 1.0, "erasure": [1.0], "collateral": 0.01, "collateral_relative": 0.1,
+                            **({"collateral_watched": watched} if watched is not None else {})}}
+            for i, (loss, watched) in enumerate([(0.0, 0.05), (0.02, 0.1), (0.05, 0.3), (0.01, None)])]
+    found = agreement.agreement(runs)
+    assert found["runs_watched"] == 3 and found["spearman_collateral_watched"] == 1.0
+    assert "runs_watched" not in agreement.agreement(runs[3:])
