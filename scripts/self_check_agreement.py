@@ -94,7 +94,9 @@ def watched_agreement(runs: list[dict]) -> dict:
         return {}
     watched = [r["self_check"]["collateral_watched"] for r in runs]
     out = {"runs_watched": len(runs),
-           "spearman_collateral_watched": round(spearman(watched, [1 - min(1.0, r["kept"]) for r in runs]), 4)}
+           "spearman_collateral_watched": round(spearman(watched, [1 - min(1.0, r["kept"]) for r in runs]), 4),
+           "kept_by_collateral_watched": by_band(runs, lambda r: r["self_check"]["collateral_watched"], COLLATERAL_BANDS,
+                                                 lambda r: r["kept"])}
     confident = [r for r in runs if "kept_confidence" in r]
     if confident:
         out["spearman_collateral_watched_confidence"] = round(spearman(
