@@ -65,7 +65,9 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
     source = LatentSource({k: v.float() for k, v in (latents or {}).items()}, shape)
     sampling = host.model_sampling(patcher)
     trainee = mode.start(Run(patcher, clip, concepts, config, layers, generator, source, sampling, host.device()))
+    material_from = time.perf_counter()
     stuff = checks.material(clip, concepts, config.keep, sampling, shape, latents, config.watch)
+    material_seconds = time.perf_counter() - material_from  # encoding the checks' prompts: part of their cost
 
     with torch.inference_mode(False):
         params = trainee.build()
@@ -84,6 +86,7 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
             checker = checks.SelfCheck(stuff, unet, trainee.original, route, config.target, config.steps,
                                        config.check_every, trainee.held_out,
                                        earlier=state.checks if state is not None else ())
+            checker.report.check_seconds += material_seconds
             started, done = time.perf_counter(), start
             for step in range(start, config.steps):
                 batch = trainee.batch(step)

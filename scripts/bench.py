@@ -28,7 +28,7 @@ Figures (bench/README.md explains each one and how to read it):
    training's, the steps it took of its budget, its erasure).
 10. self_check_share: the in-run checks' seconds over the training steps' seconds in one
    default run run to its whole budget (target 0, so every check runs), on the small
-   SD1.5-layout model at 512 px (the issue's bound: at most 0.10).
+   SD1.5-layout model at 512 px on a GPU, 256 px on a CPU (the issue's bound: at most 0.10).
 11. host_speed: figure 1's training and sampling steps measured on both supported ComfyUI
    cores (the newest and the floor, scripts/setup_host.sh builds both), each in a process
    of its own host's venv, the two alternated in one run; per host the train step, the
