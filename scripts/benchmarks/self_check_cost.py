@@ -29,8 +29,9 @@ def bench_self_check_share(pack, cfg: dict) -> dict:
     return {
         "value": r4(whole.check_seconds / whole.train_seconds),
         "bound": 0.10,
-        "what": ("seconds of the in-run checks (the original predictions before the first step, every check, the "
-                 "final collateral and attention measurement) over the seconds of the training steps, in one "
+        "what": ("seconds of the in-run checks (encoding their prompts, the original predictions before the first "
+                 "step, every check, the final collateral and attention measurement) over the seconds of the "
+                 "training steps, in one "
                  f"forget() run of '{CONCEPT_LINES[0]}' with the default ForgetConfig but target 0 "
                  f"({whole.budget} steps, checks every {ForgetConfig().check_every}) at {resolution} px, the tests' "
                  "small SD1.5-layout model; wall clock inside the run"),
