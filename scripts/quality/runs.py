@@ -101,10 +101,11 @@ def one_run(toy, lines: list[str], recipe: dict, seed: int, images_of: list[str]
     from fmn_pack.toybench import world
     mp, clip, vae = toy
     concepts = fmn_concepts.parse_concepts("\n".join(lines))
+    rest = tuple(c for c in world.CONCEPTS if c not in {x.text for x in concepts})
     if recipe.get("keep") == KEEP_REST:
-        recipe = {**recipe, "keep": tuple(c for c in world.CONCEPTS if c not in {x.text for x in concepts})}
+        recipe = {**recipe, "keep": rest}
     if watch_rest:
-        recipe = {**recipe, "watch": tuple(c for c in world.CONCEPTS if c not in {x.text for x in concepts})}
+        recipe = {**recipe, "watch": rest}
     config = train.ForgetConfig(seed=seed, resolution=32, **recipe)
     with torch.inference_mode():
         shown = images_of or [c.text for c in concepts]
