@@ -429,7 +429,9 @@ def test_harden_workflow_closes_the_way_back_that_the_forget_patch_leaves(server
     through the forget patch alone, and far less through the hardened model. The hardening
     patch is saved as one (fmn.mode harden)."""
     prompt = ui_to_api(load_workflow("toybench_harden"), object_info)
-    entry = server.run_prompt(prompt, 3 * PROMPT_TIMEOUT_S)  # hardening: ~5 min on 2 CPU cores
+    # Forget, harden, two Recovery Attacks and their samples: about 5 min on 0.3.75, but on
+    # 0.30.0 on 2 shared CPU cores it ran past 15 min, alone and in a whole-suite run.
+    entry = server.run_prompt(prompt, 6 * PROMPT_TIMEOUT_S)
     rates = {title: r["moon"] for title, r in oracle_rates(saved_images(server, entry, prompt), ("moon",)).items()}
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "toybench_harden_rates.json").write_text(json.dumps(rates, indent=2) + "\n")  # for docs/quality.md
