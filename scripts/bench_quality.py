@@ -104,7 +104,7 @@ def main(argv=None) -> None:
                          "it is measured, with the agreement (rank correlations) and early stopping's rows "
                          "recomputed; pairs it already holds are skipped, so an interrupted study continues")
     ap.add_argument("--remeasure-watched", action="store_true",
-                    help="with --self-check: the runs --out's study holds without watched figures trained again "
+                    help="with --self-check: the runs --out's study holds without watched figures (of --runs) trained again "
                          "with the world's other concepts watched (the patch is the same, so the oracle's figures "
                          "stand; a run whose in-run figures do not reproduce is left as it was)")
     ap.add_argument("--only-anchor-floor", action="store_true",
@@ -152,7 +152,7 @@ def main(argv=None) -> None:
         report["anchor_floor"] = anchor_floor(toy, oracle_net, seeds[0])
         return rewrite_report(report, Path(args.out))
     if args.self_check and args.remeasure_watched:
-        return remeasure_watched(toy, Path(args.out), all_runs, args.seed)
+        return remeasure_watched(toy, Path(args.out), all_runs, args.seed, set(chosen))
     if args.self_check:
         return self_check_study(toy, oracle_net, {r: all_runs[r] for r in chosen}, recipes, seeds, args.seed,
                                 Path(args.out), all_runs)

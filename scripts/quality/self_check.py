@@ -69,16 +69,16 @@ def plot_of(out: Path) -> Path:
 SAME_RUN_TOLERANCE = 2e-4
 
 
-def remeasure_watched(toy, out: Path, all_runs: dict, seed: int) -> None:
-    """`--self-check --remeasure-watched`: each run the study holds without watched figures
-    trained again with the world's other concepts as its watch list. A watch list changes
-    nothing in the patch, so the oracle's figures stand; the retrained run must reproduce
-    the stored in-run figures (steps, every check's erasure, collateral) to prove it, and a
-    run that does not is left as it was and named."""
+def remeasure_watched(toy, out: Path, all_runs: dict, seed: int, chosen: set[str]) -> None:
+    """`--self-check --remeasure-watched`: each run of `chosen` (--runs) the study holds
+    without watched figures trained again with the world's other concepts as its watch
+    list. A watch list changes nothing in the patch, so the oracle's figures stand; the
+    retrained run must reproduce the stored in-run figures (steps, every check's erasure,
+    collateral) to prove it, and a run that does not is left as it was and named."""
     report = json.loads(out.read_text())
     for entry in report["self_check"]["runs"]:
         stored = entry["self_check"]
-        if "collateral_watched" in stored:
+        if "collateral_watched" in stored or entry["run"] not in chosen:
             continue
         fresh = self_check_entry(one_run(toy, all_runs[entry["run"]], entry["settings"], seed, watch_rest=True)["result"].report)
         if not same_run(stored, fresh):
