@@ -429,9 +429,8 @@ def test_harden_workflow_closes_the_way_back_that_the_forget_patch_leaves(server
     through the forget patch alone, and far less through the hardened model. The hardening
     patch is saved as one (fmn.mode harden)."""
     prompt = ui_to_api(load_workflow("toybench_harden"), object_info)
-    # Forget, harden, two Recovery Attacks and their samples: the suite's longest test. Alone
-    # on this 2-core CPU: 22 min on 0.30.0 (1,337 s), and 0.3.75 was still in the second
-    # Recovery Attack at 16.5 min (docs/development.md).
+    # Forget, harden, two Recovery Attacks and their samples: the suite's longest test, 22 min
+    # (1,337 s) alone on a 2-core CPU on 0.30.0; 0.3.75 is about as slow (docs/development.md).
     entry = server.run_prompt(prompt, 6 * PROMPT_TIMEOUT_S)
     rates = {title: r["moon"] for title, r in oracle_rates(saved_images(server, entry, prompt), ("moon",)).items()}
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
