@@ -104,7 +104,7 @@ def main(argv=None) -> None:
                          "it is measured, with the agreement (rank correlations) and early stopping's rows "
                          "recomputed; pairs it already holds are skipped, so an interrupted study continues")
     ap.add_argument("--remeasure-watched", action="store_true",
-                    help="with --self-check: the runs --out's study holds without watched figures (of --runs) trained again "
+                    help="with --self-check: the runs of --runs that --out's study holds without watched figures, trained again "
                          "with the world's other concepts watched (the patch is the same, so the oracle's figures "
                          "stand; a run whose in-run figures do not reproduce is left as it was)")
     ap.add_argument("--only-anchor-floor", action="store_true",
