@@ -66,7 +66,7 @@ from quality.recovery import inversion_report, recovery_attack, remeasure_invers
 from quality.report import add_self_check, merge_results, rewrite_report, write_report  # noqa: E402
 from quality.runs import (IMAGES_PER_CONCEPT, MULTI_CONCEPT_ONLY, OUT, RECIPES, SEEDS_IDENTITY, SEEDS_SCENE,  # noqa: E402
                           fused_results, one_run, precise_entry, rates, runs, score, self_check_entry)
-from quality.self_check import remeasure_watched, self_check_study  # noqa: E402
+from quality.self_check import more_oracle_seeds, remeasure_watched, self_check_study  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -107,6 +107,10 @@ def main(argv=None) -> None:
                     help="with --self-check: the runs of --runs that --out's study holds without watched figures, trained again "
                          "with the world's other concepts watched (the patch is the same, so the oracle's figures "
                          "stand; a run whose in-run figures do not reproduce is left as it was)")
+    ap.add_argument("--more-oracle-seeds", action="store_true",
+                    help="with --self-check: the runs of --runs that --out's study holds, trained again (they must "
+                         "reproduce their in-run figures) and scored by the oracle on as many seeds again, so kept "
+                         "is read from twice the samples; several processes may share one --out")
     ap.add_argument("--only-anchor-floor", action="store_true",
                     help="measure only how often the original model draws each object for the object anchor's prompts, "
                          "into the existing --out")
@@ -151,6 +155,8 @@ def main(argv=None) -> None:
         report = json.loads(Path(args.out).read_text())
         report["anchor_floor"] = anchor_floor(toy, oracle_net, seeds[0])
         return rewrite_report(report, Path(args.out))
+    if args.self_check and args.more_oracle_seeds:
+        return more_oracle_seeds(toy, oracle_net, Path(args.out), all_runs, args.seed, set(chosen))
     if args.self_check and args.remeasure_watched:
         return remeasure_watched(toy, Path(args.out), all_runs, args.seed, set(chosen))
     if args.self_check:

@@ -66,6 +66,7 @@ def agreement(results: list[dict]) -> dict:
         **confidence_agreement(runs),
         **watched_agreement(runs),
         **oracle_retest(runs),
+        **more_seeds_agreement(runs),
         "targets": {"erasure": 0.8, "collateral": 0.7},
         "oracle_by_erasure": by_band(runs, lambda r: min(r["self_check"]["erasure"]), ERASURE_BANDS,
                                      lambda r: r["erased_after"]),
@@ -102,6 +103,33 @@ def watched_agreement(runs: list[dict]) -> dict:
         out["spearman_collateral_watched_confidence"] = round(spearman(
             [r["self_check"]["collateral_watched"] for r in confident], [1 - r["kept_confidence"] for r in confident]), 4)
     return out
+
+
+def more_seeds_agreement(runs: list[dict]) -> dict:
+    """The same agreement over the runs also scored on as many seeds again (`more_seeds`,
+    `--more-oracle-seeds`), beside the study's own seeds over the same runs, and the
+    oracle's retest between the two sets of seeds (each the study's full count)."""
+    runs = [r for r in runs if "more_seeds" in r and "collateral_watched" in r["self_check"]]
+    if len(runs) < 3:
+        return {}
+    watched = [r["self_check"]["collateral_watched"] for r in runs]
+    generic = [r["self_check"]["collateral_relative"] for r in runs]
+    erasure = [r["self_check"]["erasure_mean"] for r in runs]
+    kept = [1 - min(1.0, r["more_seeds"]["kept"]) for r in runs]
+    rho = spearman([r["kept"] for r in runs], [r["more_seeds"]["kept_new_seeds"] for r in runs])
+    reliability = 2 * rho / (1 + rho) if rho > 0 else 0.0
+    return {"more_seeds": {
+        "runs": len(runs),
+        "spearman_erasure": round(spearman(erasure, [oracle_erased(r["more_seeds"]) for r in runs]), 4),
+        "spearman_collateral_watched": round(spearman(watched, kept), 4),
+        "spearman_collateral_watched_confidence": round(spearman(
+            watched, [1 - r["more_seeds"]["kept_confidence"] for r in runs]), 4),
+        "spearman_collateral_relative": round(spearman(generic, kept), 4),
+        "study_seeds_same_runs": {
+            "spearman_erasure": round(spearman(erasure, [oracle_erased(r) for r in runs]), 4),
+            "spearman_collateral_watched": round(spearman(watched, [1 - min(1.0, r["kept"]) for r in runs]), 4)},
+        "oracle_retest": {"spearman_seed_sets": round(rho, 4), "reliability_all": round(reliability, 4),
+                          "ceiling": round(reliability ** 0.5, 4)}}}
 
 
 def oracle_retest(runs: list[dict]) -> dict:

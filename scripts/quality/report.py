@@ -2,8 +2,13 @@
 the self-check agreement section, and the markdown tables docs/quality.md carries."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 import self_check_agreement as agreement
 
@@ -34,6 +39,19 @@ def write_report(report: dict, out: Path, table: bool) -> None:
 def rewrite_report(report: dict, out: Path) -> None:
     """An existing report after a partial re-measurement; docs/quality.md's tables follow the shipped one."""
     write_report(report, out, table=out == OUT / "quality.json")
+
+
+def update_report(out: Path, change: Callable[[dict], None]) -> dict:
+    """Read `out`, `change` it and rewrite it under a lock, so that processes measuring
+    different runs into the same report (one per core) never lose each other's entries."""
+    lock = Path(tempfile.gettempdir()) / f"fmn-report-{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]}.lock"
+    with open(lock, "w") as handle, contextlib.ExitStack() as unlock:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        unlock.callback(fcntl.flock, handle, fcntl.LOCK_UN)
+        report = json.loads(out.read_text())
+        change(report)
+        rewrite_report(report, out)
+        return report
 
 
 def merge_results(out: Path, new: dict, all_runs: dict) -> None:

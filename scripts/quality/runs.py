@@ -11,6 +11,10 @@ REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "bench"
 SEEDS_IDENTITY = tuple(range(9000, 9016))  # 16 per portrait prompt
 SEEDS_SCENE = tuple(range(9000, 9006))     # 6 per object prompt (5 prompts per object, 4 per style)
+# `--more-oracle-seeds`: as many seeds again, held out from the ones above, so the self-check
+# study's oracle reads kept from twice the samples (32 per portrait prompt, 12 per scene).
+SEEDS_IDENTITY_MORE = tuple(range(9016, 9032))
+SEEDS_SCENE_MORE = tuple(range(9006, 9012))
 # `--precise-erasure`: the forgotten concepts' own prompts again on 48 seeds each. At 36
 # samples an object's erasure moves by 0.05 (one standard error at a 0.1 residual) with no
 # change to the patch: moon's pack-defaults patch read 0.11 on the seeds above and 0.03 on

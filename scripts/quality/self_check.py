@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .report import add_self_check, rewrite_report
-from .runs import MULTI_CONCEPT_ONLY, OUT, confidences, one_run, score, self_check_entry
+from .report import add_self_check, rewrite_report, update_report
+from .runs import (MULTI_CONCEPT_ONLY, OUT, SEEDS_IDENTITY_MORE, SEEDS_SCENE_MORE, confidences, one_run, score,
+                   self_check_entry)
 
 
 def self_check_study(toy, oracle_net, chosen: dict, recipes: dict, seeds, seed: int, out: Path, all_runs: dict) -> None:
@@ -91,6 +92,75 @@ def remeasure_watched(toy, out: Path, all_runs: dict, seed: int, chosen: set[str
         print(f"{entry['run']:22s} {entry['recipe']:26s} kept {entry['kept']:.4f} collateral {stored['collateral_relative']:.4f}"
               f" watched {stored['collateral_watched']:.4f} | spearman watched "
               f"{report['self_check'].get('spearman_collateral_watched', float('nan')):.2f}", flush=True)
+
+
+def more_oracle_seeds(toy, oracle_net, out: Path, all_runs: dict, seed: int, chosen: set[str]) -> None:
+    """`--self-check --more-oracle-seeds`: each run of `chosen` (--runs) the study holds
+    trained again (it must reproduce its stored in-run figures, as in remeasure_watched) and
+    scored by the oracle on as many seeds again (SEEDS_*_MORE, in two halves), so kept and
+    erased are read from twice the samples: the study's halves agree on kept with a Spearman
+    of about 0.7, which caps how well any in-run signal can rank runs by it. Each run's
+    `more_seeds` holds the figures over all the seeds, the new seeds' own and every half's
+    kept; processes given different --runs may write into the same --out at once."""
+    parts = seed_halves((list(SEEDS_IDENTITY_MORE), list(SEEDS_SCENE_MORE)))
+    base_parts = [confidences(toy[0], toy, oracle_net, part) for part in parts]
+    study = json.loads(out.read_text())["self_check"]
+    for entry in study["runs"]:
+        if "more_seeds" in entry or entry["run"] not in chosen:
+            continue
+        trained = one_run(toy, all_runs[entry["run"]], entry["settings"], seed, watch_rest=True)
+        fresh = self_check_entry(trained["result"].report)
+        if not same_run(entry["self_check"], fresh):
+            print(f"{entry['run']:22s} {entry['recipe']:26s} NOT the stored run: steps {entry['self_check']['steps']} vs "
+                  f"{fresh['steps']}; left as it was", flush=True)
+            continue
+        after_parts = [confidences(trained["patched"], toy, oracle_net, part, clip=trained["clip"]) for part in parts]
+        forgotten = [line.split("|")[0].strip() for line in all_runs[entry["run"]]]
+        more = combined_scores(entry, study["base_halves"], base_parts, after_parts, forgotten)
+
+        def put(report: dict, key=(entry["run"], entry["recipe"]), more=more) -> None:
+            target = next(r for r in report["self_check"]["runs"] if (r["run"], r["recipe"]) == key)
+            target["more_seeds"] = more
+            report["self_check"]["more_seeds_base_halves"] = [[{k: round(v, 6) for k, v in d.items()} for d in part]
+                                                              for part in base_parts]
+            add_self_check(report, all_runs, plot_of(out))
+
+        report = update_report(out, put)
+        print(f"{entry['run']:22s} {entry['recipe']:26s} kept {entry['kept']:.4f} -> {more['kept']:.4f} (new seeds "
+              f"{more['kept_new_seeds']:.4f}) erased after {entry['erased_after']:.4f} -> {more['erased_after']:.4f} | "
+              f"spearman watched {report['self_check'].get('more_seeds', {}).get('spearman_collateral_watched', float('nan')):.2f}",
+              flush=True)
+
+
+def combined_scores(entry: dict, old_base: list, new_base: list, new_after: list, forgotten: list[str]) -> dict:
+    """Kept (from decisions and from probabilities) and erased over the study's seed halves
+    and the new ones together, every half weighing the same (each draws as many samples per
+    concept). The old halves' sums come back from the stored figures: score() keeps
+    kept_before/after and erased_after, and kept_confidence times the base's probabilities."""
+    kept_names = [c for c in old_base[0][0] if c not in forgotten]
+
+    def mean(d: dict, names: list[str]) -> float:
+        return sum(d[c] for c in names) / len(names)
+    n_old = len(old_base)
+    old_prob_before = sum(mean(part[1], kept_names) for part in old_base) / n_old
+    sums = {  # (after, before) summed over every half, old halves as n_old times their mean
+        "kept": (n_old * entry["kept_after"] + sum(mean(a[0], kept_names) for a in new_after),
+                 n_old * entry["kept_before"] + sum(mean(b[0], kept_names) for b in new_base)),
+        "kept_confidence": (n_old * entry["kept_confidence"] * old_prob_before + sum(mean(a[1], kept_names) for a in new_after),
+                            n_old * old_prob_before + sum(mean(b[1], kept_names) for b in new_base)),
+        "erased": (n_old * entry["erased_after"] + sum(mean(a[0], forgotten) for a in new_after),
+                   n_old * entry["erased_before"] + sum(mean(b[0], forgotten) for b in new_base)),
+    }
+    n_all = n_old + len(new_base)
+    new_kept = [score(b[0], a[0], forgotten)["kept"] for b, a in zip(new_base, new_after)]
+    new_only = (sum(mean(a[0], kept_names) for a in new_after) / sum(mean(b[0], kept_names) for b in new_base))
+    return {"seeds_identity": [SEEDS_IDENTITY_MORE[0], SEEDS_IDENTITY_MORE[-1]],
+            "seeds_scene": [SEEDS_SCENE_MORE[0], SEEDS_SCENE_MORE[-1]],
+            "kept": round(sums["kept"][0] / sums["kept"][1], 4),
+            "kept_confidence": round(sums["kept_confidence"][0] / sums["kept_confidence"][1], 4),
+            "erased_before": round(sums["erased"][1] / n_all, 4), "erased_after": round(sums["erased"][0] / n_all, 4),
+            "kept_new_seeds": round(new_only, 4),
+            "kept_halves": [*entry.get("kept_halves", []), *new_kept]}
 
 
 def same_run(stored: dict, fresh: dict) -> bool:
