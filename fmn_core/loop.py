@@ -87,7 +87,7 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
                                        config.check_every, trainee.held_out,
                                        earlier=state.checks if state is not None else ())
             checker.report.check_seconds += material_seconds
-            started, done = time.perf_counter(), start
+            started, checked_before, done = time.perf_counter(), checker.report.check_seconds, start
             for step in range(start, config.steps):
                 batch = trainee.batch(step)
                 with precision.autocast():
@@ -109,7 +109,9 @@ def forget(patcher, clip, concepts: list[Concept], config: ForgetConfig,
                     progress.step()
                 if stop:
                     break
-            report = checker.finish(done, time.perf_counter() - started)
+            # the steps' own seconds: the checks made between them are counted as the checks'
+            checked = checker.report.check_seconds - checked_before
+            report = checker.finish(done, time.perf_counter() - started - checked)
         for p in params:
             p.requires_grad_(False)
 

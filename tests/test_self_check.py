@@ -4,12 +4,13 @@ stopping on the target, and the report in the patch header."""
 import contextlib
 import dataclasses
 import json
+import types
 
 import pytest
 import torch
 
 import host_models as hm
-from fmn_pack.fmn_core import check_report, checks, host
+from fmn_pack.fmn_core import check_report, checks, host, loop
 from fmn_pack.fmn_core.attention import ColumnEnergy, Routed, make_attn2_replace
 from fmn_pack.fmn_core.concepts import TEMPLATES, parse_concepts
 from fmn_pack.fmn_core.merge import merge_patches
@@ -145,6 +146,30 @@ def test_a_run_that_misses_its_target_uses_its_budget_and_warns(sd1):
     assert not report.met and report.steps == 6 and [h["step"] for h in report.history] == [4, 6]
     assert "fell short of target" in check_report.verdict(report)
     assert any("raise steps or learning_rate" in w for w in check_report.warnings(report))
+
+
+def test_the_checks_and_the_training_steps_are_timed_apart(sd1, monkeypatch):
+    """A check between two steps is the checks' time, not the steps' (it once counted as
+    both). The run reads a clock that ticks one second a reading and a hundred more at each
+    check forward, so the figures are exact: the checks' ten forwards (three before, one at
+    each of six checks, one after the last) are theirs, and the steps keep a few ticks."""
+    model, clip = sd1
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += 1.0
+        return now[0]
+    measure = checks.SelfCheck._run
+
+    def check_forward(self, *args):
+        now[0] += 100.0
+        return measure(self, *args)
+    monkeypatch.setattr(checks.SelfCheck, "_run", check_forward)
+    for module in (checks, loop):
+        monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=clock))
+    report = run(model, clip, steps=6, check_every=1, target=0.0).report
+    assert 1000 <= report.check_seconds < 1100
+    assert 0 < report.train_seconds < 100
 
 
 def test_the_same_seed_gives_the_same_patch_and_report(sd1):

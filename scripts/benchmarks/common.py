@@ -220,9 +220,12 @@ LAYOUTS = {"SD1.5": ("sd15_model", "sd1_clip"), "SDXL": ("sdxl_model", "sdxl_cli
 
 
 def self_check_figures(report) -> dict:
-    """A run's in-run report as figures: the checks' cost beside the training's, and the result."""
+    """A run's in-run report as figures: the checks' cost beside the training steps' (the
+    report times them apart), as a share of the run and over the steps alone, and the result."""
+    run_s = report.check_seconds + report.train_seconds
     return {"check_s": report.check_seconds, "train_s": report.train_seconds,
-            "share": r4(report.check_seconds / report.train_seconds) if report.train_seconds else None,
+            "share_of_run": r4(report.check_seconds / run_s) if run_s else None,
+            "over_training": r4(report.check_seconds / report.train_seconds) if report.train_seconds else None,
             "steps": report.steps, "budget": report.budget, "target": report.target, "met": report.met,
             "erasure": report.erasure, "collateral_relative": report.collateral_relative}
 
