@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 from .report import add_self_check, rewrite_report, update_report
 from .runs import (MULTI_CONCEPT_ONLY, OUT, SEEDS_IDENTITY_MORE, SEEDS_SCENE_MORE, confidences, one_run, score,
@@ -76,22 +77,20 @@ def remeasure_watched(toy, out: Path, all_runs: dict, seed: int, chosen: set[str
     list. A watch list changes nothing in the patch, so the oracle's figures stand; the
     retrained run must reproduce the stored in-run figures (steps, every check's erasure,
     collateral) to prove it, and a run that does not is left as it was and named."""
-    report = json.loads(out.read_text())
-    for entry in report["self_check"]["runs"]:
-        stored = entry["self_check"]
-        if "collateral_watched" in stored or entry["run"] not in chosen:
+    for entry in json.loads(out.read_text())["self_check"]["runs"]:
+        if "collateral_watched" in entry["self_check"] or entry["run"] not in chosen:
             continue
-        fresh = self_check_entry(one_run(toy, all_runs[entry["run"]], entry["settings"], seed, watch_rest=True)["result"].report)
-        if not same_run(stored, fresh):
-            print(f"{entry['run']:22s} {entry['recipe']:26s} NOT the stored run: steps {stored['steps']} vs "
-                  f"{fresh['steps']}, collateral {stored['collateral']} vs {fresh['collateral']}; left as it was", flush=True)
+        trained = retrained(toy, entry, all_runs, seed)
+        if trained is None:
             continue
-        stored.update(collateral_watched=fresh["collateral_watched"], watched=fresh["watched"])
-        add_self_check(report, all_runs, plot_of(out))
-        rewrite_report(report, out)
-        print(f"{entry['run']:22s} {entry['recipe']:26s} kept {entry['kept']:.4f} collateral {stored['collateral_relative']:.4f}"
-              f" watched {stored['collateral_watched']:.4f} | spearman watched "
-              f"{report['self_check'].get('spearman_collateral_watched', float('nan')):.2f}", flush=True)
+        fresh = self_check_entry(trained["result"].report)
+
+        def put(report: dict, stored: dict, fresh=fresh) -> None:
+            stored["self_check"].update(collateral_watched=fresh["collateral_watched"], watched=fresh["watched"])
+        report = update_entry(out, entry, all_runs, put)
+        print(f"{entry['run']:22s} {entry['recipe']:26s} kept {entry['kept']:.4f} collateral "
+              f"{entry['self_check']['collateral_relative']:.4f} watched {fresh['collateral_watched']:.4f} | spearman "
+              f"watched {report['self_check'].get('spearman_collateral_watched', float('nan')):.2f}", flush=True)
 
 
 def more_oracle_seeds(toy, oracle_net, out: Path, all_runs: dict, seed: int, chosen: set[str]) -> None:
@@ -108,28 +107,45 @@ def more_oracle_seeds(toy, oracle_net, out: Path, all_runs: dict, seed: int, cho
     for entry in study["runs"]:
         if "more_seeds" in entry or entry["run"] not in chosen:
             continue
-        trained = one_run(toy, all_runs[entry["run"]], entry["settings"], seed, watch_rest=True)
-        fresh = self_check_entry(trained["result"].report)
-        if not same_run(entry["self_check"], fresh):
-            print(f"{entry['run']:22s} {entry['recipe']:26s} NOT the stored run: steps {entry['self_check']['steps']} vs "
-                  f"{fresh['steps']}; left as it was", flush=True)
+        trained = retrained(toy, entry, all_runs, seed)
+        if trained is None:
             continue
         after_parts = [confidences(trained["patched"], toy, oracle_net, part, clip=trained["clip"]) for part in parts]
         forgotten = [line.split("|")[0].strip() for line in all_runs[entry["run"]]]
         more = combined_scores(entry, study["base_halves"], base_parts, after_parts, forgotten)
 
-        def put(report: dict, key=(entry["run"], entry["recipe"]), more=more) -> None:
-            target = next(r for r in report["self_check"]["runs"] if (r["run"], r["recipe"]) == key)
-            target["more_seeds"] = more
+        def put(report: dict, stored: dict, more=more) -> None:
+            stored["more_seeds"] = more
             report["self_check"]["more_seeds_base_halves"] = [[{k: round(v, 6) for k, v in d.items()} for d in part]
                                                               for part in base_parts]
-            add_self_check(report, all_runs, plot_of(out))
-
-        report = update_report(out, put)
+        report = update_entry(out, entry, all_runs, put)
         print(f"{entry['run']:22s} {entry['recipe']:26s} kept {entry['kept']:.4f} -> {more['kept']:.4f} (new seeds "
               f"{more['kept_new_seeds']:.4f}) erased after {entry['erased_after']:.4f} -> {more['erased_after']:.4f} | "
               f"spearman watched {report['self_check'].get('more_seeds', {}).get('spearman_collateral_watched', float('nan')):.2f}",
               flush=True)
+
+
+def retrained(toy, entry: dict, all_runs: dict, seed: int) -> dict | None:
+    """A study run trained again with the world's other concepts watched, or None (and
+    named) when its in-run figures do not reproduce the stored ones: not the same patch."""
+    trained = one_run(toy, all_runs[entry["run"]], entry["settings"], seed, watch_rest=True)
+    fresh = self_check_entry(trained["result"].report)
+    if same_run(entry["self_check"], fresh):
+        return trained
+    print(f"{entry['run']:22s} {entry['recipe']:26s} NOT the stored run: steps {entry['self_check']['steps']} vs "
+          f"{fresh['steps']}, collateral {entry['self_check']['collateral']} vs {fresh['collateral']}; left as it was",
+          flush=True)
+    return None
+
+
+def update_entry(out: Path, entry: dict, all_runs: dict, change: Callable[[dict, dict], None]) -> dict:
+    """`change(report, stored)` on the study's stored run `entry` (found again by run and
+    recipe in `out` as it is now), under the report's lock, with the agreement recomputed."""
+    def put(report: dict) -> None:
+        stored = next(r for r in report["self_check"]["runs"] if (r["run"], r["recipe"]) == (entry["run"], entry["recipe"]))
+        change(report, stored)
+        add_self_check(report, all_runs, plot_of(out))
+    return update_report(out, put)
 
 
 def combined_scores(entry: dict, old_base: list, new_base: list, new_after: list, forgotten: list[str]) -> dict:
