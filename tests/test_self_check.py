@@ -303,3 +303,40 @@ def test_the_agreement_ranks_watched_collateral_against_what_the_oracle_lost():
     found = agreement.agreement(runs)
     assert found["runs_watched"] == 3 and found["spearman_collateral_watched"] == 1.0
     assert "runs_watched" not in agreement.agreement(runs[3:])
+
+
+def test_more_oracle_seeds_read_kept_as_if_every_half_were_scored_together():
+    """--more-oracle-seeds rebuilds the stored halves' sums from the stored figures: kept,
+    kept_confidence and erased over old and new halves equal score() over all of them."""
+    from quality.runs import score
+    from quality.self_check import combined_scores, mean_scores
+    names = ("a", "b", "c")
+
+    def part(i: int, shift: float) -> tuple[dict, dict]:  # (detections, probabilities) of one half
+        return ({c: 0.5 + 0.1 * j + shift * i for j, c in enumerate(names)},
+                {c: 0.4 + 0.05 * j + shift * i for j, c in enumerate(names)})
+    base, after = [part(i, 0.01) for i in range(4)], [part(i, -0.03) for i in range(4)]
+    old_base, old_after = mean_scores(base[:2]), mean_scores(after[:2])
+    entry = {**score(old_base[0], old_after[0], ["a"]), "kept_confidence": score(old_base[1], old_after[1], ["a"])["kept"],
+             "kept_halves": [score(b[0], a[0], ["a"])["kept"] for b, a in zip(base[:2], after[:2])]}
+    more = combined_scores(entry, base[:2], base[2:], after[2:], ["a"])
+    whole_base, whole_after = mean_scores(base), mean_scores(after)
+    assert more["kept"] == pytest.approx(score(whole_base[0], whole_after[0], ["a"])["kept"], abs=2e-4)
+    assert more["kept_confidence"] == pytest.approx(score(whole_base[1], whole_after[1], ["a"])["kept"], abs=2e-4)
+    assert more["erased_after"] == pytest.approx(score(whole_base[0], whole_after[0], ["a"])["erased_after"], abs=2e-4)
+    assert more["kept_new_seeds"] == pytest.approx(score(*[mean_scores(x[2:])[0] for x in (base, after)], ["a"])["kept"], abs=2e-4)
+    assert len(more["kept_halves"]) == 4
+
+
+def test_the_agreement_on_more_seeds_sets_both_seed_sets_side_by_side():
+    import self_check_agreement as agreement
+    runs = [{"run": str(i), "recipe": "r", "kept": 1 - old, "erased_before": 1.0, "erased_after": 0.0,
+             "more_seeds": {"kept": 1 - new, "kept_confidence": 1 - new, "kept_new_seeds": 1 - 2 * new + old,
+                            "erased_before": 1.0, "erased_after": 0.0},
+             "self_check": {"erasure_mean": 1.0, "erasure": [1.0], "collateral": 0.01, "collateral_relative": 0.1,
+                            "collateral_watched": watched}}
+            for i, (old, new, watched) in enumerate([(0.03, 0.0, 0.05), (0.0, 0.02, 0.1), (0.01, 0.05, 0.3)])]
+    more = agreement.agreement(runs)["more_seeds"]
+    assert more["runs"] == 3 and more["spearman_collateral_watched"] == 1.0
+    assert more["study_seeds_same_runs"]["spearman_collateral_watched"] == -0.5
+    assert "more_seeds" not in agreement.agreement(runs[:2])
