@@ -117,7 +117,7 @@ def more_seeds_agreement(runs: list[dict]) -> dict:
     erasure = [r["self_check"]["erasure_mean"] for r in runs]
     kept = [1 - min(1.0, r["more_seeds"]["kept"]) for r in runs]
     rho = spearman([r["kept"] for r in runs], [r["more_seeds"]["kept_new_seeds"] for r in runs])
-    reliability = 2 * rho / (1 + rho) if rho > 0 else 0.0
+    reliability, ceiling = retest_bounds(rho)
     return {"more_seeds": {
         "runs": len(runs),
         "spearman_erasure": round(spearman(erasure, [oracle_erased(r["more_seeds"]) for r in runs]), 4),
@@ -128,8 +128,7 @@ def more_seeds_agreement(runs: list[dict]) -> dict:
         "study_seeds_same_runs": {
             "spearman_erasure": round(spearman(erasure, [oracle_erased(r) for r in runs]), 4),
             "spearman_collateral_watched": round(spearman(watched, [1 - min(1.0, r["kept"]) for r in runs]), 4)},
-        "oracle_retest": {"spearman_seed_sets": round(rho, 4), "reliability_all": round(reliability, 4),
-                          "ceiling": round(reliability ** 0.5, 4)}}}
+        "oracle_retest": {"spearman_seed_sets": round(rho, 4), "reliability_all": reliability, "ceiling": ceiling}}}
 
 
 def oracle_retest(runs: list[dict]) -> dict:
@@ -142,9 +141,16 @@ def oracle_retest(runs: list[dict]) -> dict:
     if len(runs) < 3:
         return {}
     rho = spearman([run["kept_halves"][0] for run in runs], [run["kept_halves"][1] for run in runs])
+    reliability, ceiling = retest_bounds(rho)
+    return {"oracle_retest": {"runs": len(runs), "spearman_halves": round(rho, 4), "reliability_full": reliability,
+                              "ceiling": ceiling}}
+
+
+def retest_bounds(rho: float) -> tuple[float, float]:
+    """From two equal scorings' agreement `rho`: the reliability of both together
+    (Spearman-Brown, 2r / (1 + r)) and the most a signal can agree with them (its root)."""
     reliability = 2 * rho / (1 + rho) if rho > 0 else 0.0
-    return {"oracle_retest": {"runs": len(runs), "spearman_halves": round(rho, 4), "reliability_full": round(reliability, 4),
-                              "ceiling": round(reliability ** 0.5, 4)}}
+    return round(reliability, 4), round(reliability ** 0.5, 4)
 
 
 # Where the node's default target (1.0) and collateral warning (0.5) sit among the runs;

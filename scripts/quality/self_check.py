@@ -159,9 +159,10 @@ def combined_scores(entry: dict, old_base: list, new_base: list, new_after: list
         return sum(d[c] for c in names) / len(names)
     n_old = len(old_base)
     old_prob_before = sum(mean(part[1], kept_names) for part in old_base) / n_old
+    new_kept_after = sum(mean(a[0], kept_names) for a in new_after)
+    new_kept_before = sum(mean(b[0], kept_names) for b in new_base)
     sums = {  # (after, before) summed over every half, old halves as n_old times their mean
-        "kept": (n_old * entry["kept_after"] + sum(mean(a[0], kept_names) for a in new_after),
-                 n_old * entry["kept_before"] + sum(mean(b[0], kept_names) for b in new_base)),
+        "kept": (n_old * entry["kept_after"] + new_kept_after, n_old * entry["kept_before"] + new_kept_before),
         "kept_confidence": (n_old * entry["kept_confidence"] * old_prob_before + sum(mean(a[1], kept_names) for a in new_after),
                             n_old * old_prob_before + sum(mean(b[1], kept_names) for b in new_base)),
         "erased": (n_old * entry["erased_after"] + sum(mean(a[0], forgotten) for a in new_after),
@@ -169,13 +170,12 @@ def combined_scores(entry: dict, old_base: list, new_base: list, new_after: list
     }
     n_all = n_old + len(new_base)
     new_kept = [score(b[0], a[0], forgotten)["kept"] for b, a in zip(new_base, new_after)]
-    new_only = (sum(mean(a[0], kept_names) for a in new_after) / sum(mean(b[0], kept_names) for b in new_base))
     return {"seeds_identity": [SEEDS_IDENTITY_MORE[0], SEEDS_IDENTITY_MORE[-1]],
             "seeds_scene": [SEEDS_SCENE_MORE[0], SEEDS_SCENE_MORE[-1]],
             "kept": round(sums["kept"][0] / sums["kept"][1], 4),
             "kept_confidence": round(sums["kept_confidence"][0] / sums["kept_confidence"][1], 4),
             "erased_before": round(sums["erased"][1] / n_all, 4), "erased_after": round(sums["erased"][0] / n_all, 4),
-            "kept_new_seeds": round(new_only, 4),
+            "kept_new_seeds": round(new_kept_after / new_kept_before, 4),
             "kept_halves": [*entry.get("kept_halves", []), *new_kept]}
 
 
